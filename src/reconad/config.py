@@ -7,7 +7,7 @@ what differs. Method-specific settings live in each method's own ``Config`` data
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass
@@ -70,7 +70,10 @@ class TrainConfig:
     iterations: int | None = None
     """Iteration schedule; when set it wins over ``epochs``."""
     accumulate: int = 1
-    precision: Literal["32-true", "bf16-mixed", "16-mixed", "64-true"] = "32-true"
+    """Optimizer step every N batches (RD++: 2)."""
+    accumulate_mean: bool = False
+    """Divide the loss by ``accumulate`` (False = official RD++: gradients of the N batches are summed)."""
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     accelerator: Literal["cpu", "cuda", "mps", "auto"] = "auto"
     devices: int | str = 1
     seed: int = 111
@@ -100,5 +103,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    model: Any = None
+    """The method's own ``Config`` instance (see ``reconad.methods``)."""
     output_dir: str = "runs"
     name: str | None = None

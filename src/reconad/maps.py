@@ -1,0 +1,121 @@
+"""Anomaly maps: per-pixel distances, upsampling, fusion, scipy-exact Gaussian blur and image scores.
+
+Every method builds its map from these pieces, so each formula exists once. All functions are pure torch
+and run on whatever device their inputs live on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class MapsConfig:
+    """How pair distances become one anomaly map and one score (defaults: RD4AD official code, §1.7)."""
+
+    align_corners: bool = True
+    """Bilinear upsampling corner alignment (RD family: True; ULSAD: False)."""
+    fuse: Literal["sum", "mean"] = "sum"
+    sigma: float = 4.0
+    """Gaussian blur sigma in pixels; 0 disables the blur."""
+    truncate: float = 4.0
+    score: Literal["max", "mean", "topk"] = "max"
+    topk: float = 0.01
+    """Fraction of the highest pixels averaged by ``score="topk"`` (ReContrast multi-class: 1 %)."""
+
+
+def cosine_distance_map(target: Tensor, recon: Tensor) -> Tensor:
+    """Per-pixel ``1 - cos`` along channels: (B, C, H, W) × 2 → (B, 1, H, W)."""
+    return (1.0 - F.cosine_similarity(target, recon, dim=1)).unsqueeze(1)
+
+
+def upsample(maps: Tensor, size: tuple[int, int], align_corners: bool = True) -> Tensor:
+    """Bilinear resize of (B, 1, h, w) maps to ``size``."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def fuse(maps: Sequence[Tensor], mode: str = "sum", weights: Sequence[float] | None = None) -> Tensor:
+    """Combine same-sized (B, 1, H, W) maps by sum, mean or explicit weights."""
+    if weights is not None:
+        if len(weights) != len(maps):
+            raise ValueError(f"fuse: got {len(weights)} weights for {len(maps)} maps")
+        return sum(w * m for w, m in zip(weights, maps))
+    stacked = torch.stack(list(maps), dim=0)
+    if mode == "sum":
+        return stacked.sum(0)
+    if mode == "mean":
+        return stacked.mean(0)
+    raise ValueError(f"fuse mode must be 'sum' or 'mean', got {mode!r}")
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype=torch.float64, device=None) -> Tensor:
+    """scipy's 1-D Gaussian: radius ``int(truncate * sigma + 0.5)``, normalised to sum 1."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def _symmetric_indices(length: int, radius: int, device) -> Tensor:
+    """Source indices for scipy's ``mode='reflect'`` (half-sample symmetric, edge repeated), any radius."""
+    idx = torch.arange(-radius, length + radius, device=device)
+    period = 2 * length
+    idx = torch.remainder(idx, period)
+    return torch.where(idx >= length, period - 1 - idx, idx)
+
+
+def _blur_along(x: Tensor, kernel: Tensor, dim: int) -> Tensor:
+    radius = (kernel.numel() - 1) // 2
+    index = _symmetric_indices(x.shape[dim], radius, x.device)
+    padded = x.index_select(dim, index)  # (N, H+2r, W) or (N, H, W+2r)
+    windows = padded.unfold(dim, kernel.numel(), 1)  # (..., K)
+    return windows @ kernel
+
+
+def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Tensor:
+    """Gaussian blur of (..., H, W) maps equal to ``scipy.ndimage.gaussian_filter(sigma, truncate, mode="reflect")``.
+
+    Computed in float64 like the official code's scipy call, returned in the input dtype.
+    """
+    if sigma <= 0:
+        return maps
+    dtype = maps.dtype
+    kernel = gaussian_kernel1d(sigma, truncate, dtype=torch.float64, device=maps.device)
+    x = maps.to(torch.float64)
+    x = _blur_along(x, kernel, dim=-2)
+    x = _blur_along(x, kernel, dim=-1)
+    return x.to(dtype)
+
+
+def image_score(maps: Tensor, mode: str = "max", topk: float = 0.01) -> Tensor:
+    """(B, 1, H, W) or (B, H, W) maps → (B,) scores: max, mean, or mean of the top-k fraction of pixels."""
+    flat = maps.flatten(1)
+    if mode == "max":
+        return flat.amax(1)
+    if mode == "mean":
+        return flat.mean(1)
+    if mode == "topk":
+        k = max(1, int(math.ceil(flat.shape[1] * topk)))
+        return flat.topk(k, dim=1).values.mean(1)
+    raise ValueError(f"score mode must be 'max', 'mean' or 'topk', got {mode!r}")
+
+
+def anomaly_map(
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    size: tuple[int, int],
+    cfg: MapsConfig | None = None,
+) -> Tensor:
+    """The RD-family map: ``1 - cos`` per pair, upsampled to ``size``, fused, blurred. Returns (B, 1, H, W)."""
+    cfg = cfg or MapsConfig()
+    levels = [upsample(cosine_distance_map(t, r), size, cfg.align_corners) for t, r in pairs]
+    fused = fuse(levels, cfg.fuse)
+    return gaussian_blur(fused, cfg.sigma, cfg.truncate)

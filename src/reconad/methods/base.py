@@ -1,0 +1,90 @@
+"""The method contract shared by every method (design.md, "The method contract")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..config import OptimConfig
+from ..maps import MapsConfig, anomaly_map, image_score
+
+
+class Prediction(NamedTuple):
+    anomaly_map: Tensor  # (B, 1, H, W)
+    score: Tensor  # (B,)
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method has; subclasses add their own fields (defaults = official code)."""
+
+    maps: MapsConfig = field(default_factory=MapsConfig)
+
+
+class Method(nn.Module):
+    """Base class: build modules in ``__init__`` only (no data, no device choice).
+
+    Subclasses set ``name`` and ``Config``, implement :meth:`pairs` and :meth:`loss`, and may override
+    :meth:`train_views`, :meth:`prepare`, :meth:`calibrate`, :meth:`param_groups` and :meth:`forward`.
+    Images are float tensors in [0, 1]; each method normalises them for its backbone.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    default_backbone: ClassVar[str] = "wide_resnet50_2"
+    trainable_backbone: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig, backbone: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+
+    # -- data ------------------------------------------------------------------------------------------
+    def train_views(self, image: Tensor) -> dict[str, Tensor]:
+        """Extra training inputs made in the data loader from one [0, 1] image (3, H, W). Default: none."""
+        return {}
+
+    # -- fitted statistics -----------------------------------------------------------------------------
+    def prepare(self, loader: Iterable[dict[str, Any]]) -> None:
+        """Fit statistics needed before training (buffers ending in ``_``). Default: nothing."""
+
+    def calibrate(self, loader: Iterable[dict[str, Any]]) -> None:
+        """Fit statistics after training on held-out normal images (never test data). Default: nothing."""
+
+    # -- training --------------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any], progress: float) -> dict[str, Tensor]:
+        """Loss terms of one batch; must hold ``"loss"``. ``progress`` is the fraction of training done."""
+        raise NotImplementedError
+
+    def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
+        """Trainable parameters with their learning rates. Default: one group at ``optim.lr``."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": optim.lr, "name": "all"}]
+
+    # -- inference -------------------------------------------------------------------------------------
+    def pairs(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """(target, reconstruction) per level, each (B, C, h, w)."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Prediction:
+        """(B, 3, H, W) images in [0, 1] → anomaly maps (B, 1, H, W) and scores (B,)."""
+        maps = anomaly_map(self.pairs(images), tuple(images.shape[-2:]), self.cfg.maps)
+        return Prediction(maps, image_score(maps, self.cfg.maps.score, self.cfg.maps.topk))
+
+    def fitted_buffers(self) -> dict[str, Tensor]:
+        """Buffers set by :meth:`prepare` / :meth:`calibrate` (names end in ``_``)."""
+        return {name: buf for name, buf in self.named_buffers() if name.rsplit(".", 1)[-1].endswith("_")}
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Prediction:
+        """Eval-mode inference without gradients (restores the previous mode)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(images)
+        finally:
+            self.train(was_training)

@@ -1,0 +1,75 @@
+"""RD4AD: reverse distillation from a one-class embedding (Deng & Li, CVPR 2022), as in its official code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from ..config import OptimConfig
+from ..losses import global_cosine, regional_cosine, summed_over_levels
+from ..nets.rd import OCBE, BlockType, Decoder, default_arch
+from ..registry import register_method
+from .base import Method, MethodConfig
+
+
+@dataclass
+class RD4ADConfig(MethodConfig):
+    loss: Literal["global", "regional"] = "global"
+    """``global``: flattened cosine per sample (official code, §1.5); ``regional``: per-pixel (paper text)."""
+    dead_conv4: bool = False
+    """Build the official OCBE's unused conv4/bn4 (§1.3): only changes parameter counts and checkpoint keys."""
+    block: BlockType | None = None
+    """OCE/decoder block type; ``None`` mirrors the backbone family (bottleneck for WRN50-2)."""
+    width_ratio: float | None = None
+    """Bottleneck width / output channels; ``None`` mirrors the backbone (0.5 for WRN50-2)."""
+
+
+LOSSES = {"global": global_cosine, "regional": regional_cosine}
+
+
+def build_rd_student(backbone: nn.Module, cfg: RD4ADConfig, n_heads: int = 0,
+                     act: type[nn.Module] = nn.ReLU) -> tuple[OCBE, Decoder]:
+    """OCBE + decoder sized from the backbone's three taps (strides 4, 8, 16)."""
+    info = backbone.feature_info
+    if len(info) != 3 or [t.stride for t in info] != [info[0].stride, 2 * info[0].stride, 4 * info[0].stride]:
+        taps = ", ".join(f"{t.name} (stride {t.stride})" for t in info)
+        raise ValueError(f"reverse distillation needs three taps with strides s, 2s, 4s; got {taps}. "
+                         "Set --backbone.taps to three consecutive stages.")
+    arch = default_arch(backbone.name)
+    block = cfg.block or arch.block
+    width_ratio = cfg.width_ratio or arch.width_ratio
+    channels = [t.channels for t in info]
+    bottleneck = OCBE(channels, block, width_ratio, arch.oce_blocks, dead_conv4=cfg.dead_conv4)
+    decoder = Decoder(channels, bottleneck.out_channels, block, width_ratio, arch.decoder_blocks, n_heads, act)
+    return bottleneck, decoder
+
+
+@register_method
+class RD4AD(Method):
+    """Frozen teacher encoder → OCBE → student decoder; anomaly = per-pixel ``1 - cos`` between them."""
+
+    name = "rd4ad"
+    Config = RD4ADConfig
+
+    def __init__(self, cfg: RD4ADConfig, backbone: nn.Module):
+        super().__init__(cfg, backbone)
+        self.bottleneck, self.decoder = build_rd_student(backbone, cfg)
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        return self.backbone(self.backbone.normalize(images))
+
+    def pairs(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        feats = self.encode(images)  # [(B, c1, H/4, W/4), (B, c2, H/8, W/8), (B, c3, H/16, W/16)]
+        recon = self.decoder(self.bottleneck(feats))
+        return list(zip(feats, recon))
+
+    def loss(self, batch: dict[str, Any], progress: float) -> dict[str, Tensor]:
+        total = summed_over_levels(LOSSES[self.cfg.loss], self.pairs(batch["image"]))
+        return {"loss": total}
+
+    def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
+        # parity: official_code.md §1.6 — Adam over bottleneck + decoder only
+        params = list(self.bottleneck.parameters()) + list(self.decoder.parameters())
+        return [{"params": params, "lr": optim.lr, "name": "student"}]

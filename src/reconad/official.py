@@ -1,0 +1,129 @@
+"""Import checkpoints saved by the official implementations (``reconad.load_official``).
+
+Each method's mapping is a table of key-prefix renames (module structure is kept close to the official code
+on purpose), plus the official keys we deliberately do not build (e.g. the encoder's unused ``layer4``).
+Key names and shapes of each official model are listed in ``spec/official_keys/<method>.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .methods.base import Method
+
+
+@dataclass(frozen=True)
+class OfficialLayout:
+    renames: tuple[tuple[str, str], ...]
+    """(official prefix, reconad prefix), first match wins."""
+    unused: tuple[str, ...] = ()
+    """Official key prefixes with no counterpart here (never-used layers); dropped."""
+    backbone_prefix: str = "encoder."
+    method_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+LAYOUTS: dict[str, OfficialLayout] = {
+    # parity: official_code.md §1.2/§1.3 — layer4/fc are computed but unused; conv4/bn4 are never called
+    "rd4ad": OfficialLayout(
+        renames=(("encoder.", "backbone."), ("bn.", "bottleneck."), ("decoder.", "decoder.")),
+        unused=("encoder.layer4.", "encoder.fc.", "bn.conv4.", "bn.bn4."),
+    ),
+}
+
+
+def _flatten(state: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
+    """Nested dicts (the RD4AD repo saves ``{"bn": ..., "decoder": ...}``) → one flat ``a.b.c`` dict."""
+    flat: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif torch.is_tensor(value):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_state(path_or_state: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
+    if isinstance(path_or_state, Mapping):
+        return _flatten(path_or_state)
+    if not os.path.isfile(path_or_state):
+        raise FileNotFoundError(f"official checkpoint not found: {path_or_state}")
+    return _flatten(torch.load(path_or_state, map_location="cpu", weights_only=True))
+
+
+def rename_official(method: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official key names → reconad key names; unknown keys are an error that lists them."""
+    layout = _layout(method)
+    renamed, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith(layout.unused):
+            continue
+        target = next((new + key[len(old):] for old, new in layout.renames if key.startswith(old)), None)
+        if target is None:
+            unknown.append(key)
+        else:
+            renamed[target] = value
+    if unknown:
+        raise KeyError(f"{len(unknown)} keys are not part of the official {method} layout, e.g. {unknown[:5]}")
+    return renamed
+
+
+def to_official(method: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse rename (reconad → official), for exporting or for building test fixtures."""
+    layout = _layout(method)
+    out = {}
+    for key, value in state.items():
+        old_new = next(((old, new) for old, new in layout.renames if key.startswith(new)), None)
+        if old_new is None:
+            raise KeyError(f"no official name for {key!r}")
+        out[old_new[0] + key[len(old_new[1]):]] = value
+    return out
+
+
+def _layout(method: str) -> OfficialLayout:
+    if method not in LAYOUTS:
+        raise ValueError(f"no official checkpoint layout for {method!r}; supported: {', '.join(sorted(LAYOUTS))}")
+    return LAYOUTS[method]
+
+
+def load_official(method: str, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                  backbone: str = "wide_resnet50_2", backbone_weights: str | None = "imagenet",
+                  **config: Any) -> Method:
+    """Build ``method`` and fill it with an official checkpoint.
+
+    Args:
+        method: ``"rd4ad"`` (more methods add their layout to ``LAYOUTS``).
+        path_or_state_dict: a ``.pth`` file or a state dict in the official layout (flat, or nested by module
+            as the official scripts save it).
+        backbone: the encoder architecture the checkpoint was trained with.
+        backbone_weights: where encoder weights come from when the checkpoint does not hold them (the official
+            RD4AD script saves only ``bn`` and ``decoder``): ``"imagenet"`` or a file path.
+        **config: fields of the method's Config.
+    Returns:
+        The method in eval mode, on the CPU.
+    """
+    from .backbones import create_backbone
+    from .registry import create_method, get_method_class
+
+    state = rename_official(method, _read_state(path_or_state_dict))
+    has_encoder = any(k.startswith("backbone.") for k in state)
+    cls = get_method_class(method)
+    encoder = create_backbone(backbone, weights=None if has_encoder else backbone_weights,
+                              trainable=cls.trainable_backbone)
+    model = create_method(method, backbone=encoder, **config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not (k.startswith("backbone.") and not has_encoder)]
+    extra = [k for k in state if k not in expected]
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or extra or wrong:
+        raise ValueError(f"official {method} checkpoint does not fit a {backbone} model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}, shape mismatches {wrong[:5]} "
+                         f"({len(missing)}/{len(extra)}/{len(wrong)} in total)")
+    model.load_state_dict(state, strict=False)
+    return model.eval()

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+
+from reconad import maps
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64, 64), (3, 1, 17, 40), (2, 1, 5, 9)])
+def test_gaussian_blur_equals_scipy(shape):
+    rng = np.random.default_rng(0)
+    x = rng.random(shape)
+    ours = maps.gaussian_blur(torch.from_numpy(x), sigma=4).numpy()
+    ref = np.stack([[scipy.ndimage.gaussian_filter(m[0], sigma=4)] for m in x])
+    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_gaussian_blur_float32_and_other_sigma():
+    x = np.random.default_rng(1).random((2, 1, 33, 31)).astype(np.float32)
+    ours = maps.gaussian_blur(torch.from_numpy(x), sigma=2.5, truncate=3.0)
+    assert ours.dtype == torch.float32
+    ref = np.stack([[scipy.ndimage.gaussian_filter(m[0].astype(np.float64), sigma=2.5, truncate=3.0)] for m in x])
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-6)
+
+
+def test_kernel_matches_scipy_radius():
+    kernel = maps.gaussian_kernel1d(4.0)
+    assert kernel.numel() == 33  # radius int(4*4 + 0.5) = 16
+    assert torch.isclose(kernel.sum(), torch.tensor(1.0, dtype=kernel.dtype))
+
+
+def test_cosine_distance_map_hand_computed():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel0 = (1,0), pixel1 = (0,1)
+    b = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).T.reshape(1, 2, 1, 2)  # both (1,0)
+    d = maps.cosine_distance_map(a, b)
+    assert d.shape == (1, 1, 1, 2)
+    torch.testing.assert_close(d, torch.tensor([[[[0.0, 1.0]]]]))
+
+
+def test_upsample_align_corners_switch():
+    x = torch.arange(4.0).reshape(1, 1, 2, 2)
+    up_true = maps.upsample(x, (4, 4), align_corners=True)
+    up_false = maps.upsample(x, (4, 4), align_corners=False)
+    assert up_true[0, 0, 0, 0] == 0 and up_true[0, 0, -1, -1] == 3  # corners kept exactly
+    assert not torch.equal(up_true, up_false)
+
+
+def test_fuse_modes():
+    a, b = torch.ones(1, 1, 2, 2), 3 * torch.ones(1, 1, 2, 2)
+    assert maps.fuse([a, b], "sum").mean() == 4
+    assert maps.fuse([a, b], "mean").mean() == 2
+    assert maps.fuse([a, b], weights=[0.5, 0.5]).mean() == 2
+    with pytest.raises(ValueError, match="fuse mode"):
+        maps.fuse([a, b], "prod")
+
+
+def test_image_scores():
+    m = torch.arange(100.0).reshape(1, 1, 10, 10)
+    assert maps.image_score(m, "max").item() == 99
+    assert maps.image_score(m, "mean").item() == pytest.approx(49.5)
+    assert maps.image_score(m, "topk", topk=0.05).item() == pytest.approx(np.mean([95, 96, 97, 98, 99]))
+    with pytest.raises(ValueError):
+        maps.image_score(m, "median")
+
+
+def test_anomaly_map_is_sum_of_upsampled_levels_then_blur():
+    torch.manual_seed(0)
+    pairs = [(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)), (torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4))]
+    cfg = maps.MapsConfig(sigma=0)
+    out = maps.anomaly_map(pairs, (16, 16), cfg)
+    expected = sum(torch.nn.functional.interpolate(1 - torch.cosine_similarity(t, r, 1).unsqueeze(1), (16, 16),
+                                                   mode="bilinear", align_corners=True) for t, r in pairs)
+    torch.testing.assert_close(out, expected)
+    blurred = maps.anomaly_map(pairs, (16, 16), maps.MapsConfig(sigma=4))
+    ref = np.stack([[scipy.ndimage.gaussian_filter(m[0].double().numpy(), 4)] for m in expected])
+    np.testing.assert_allclose(blurred.numpy(), ref, atol=1e-6)
