@@ -1,0 +1,98 @@
+"""End-to-end training runs on tiny generated data: run folder, exact resume, load/predict, precision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reconad.checkpoint import atomic_write, load_weights
+from reconad.cli import make_config
+from reconad.engine import fit, load, predict, read_run_config
+
+from .conftest import tiny_run_overrides
+
+
+def test_fit_writes_a_complete_run_folder(tiny_mvtec, tmp_path):
+    cfg = make_config("rd4ad", **tiny_run_overrides(tiny_mvtec, eval_every=2))
+    result = fit(cfg, tmp_path / "run")
+    run = result.run_dir
+    for name in ("config.yaml", "log.jsonl", "metrics.json", "checkpoints/model.safetensors",
+                 "checkpoints/state.pt"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert set(metrics) >= {"image_auroc", "pixel_auroc", "aupro", "aupro_per_image"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    train = [e for e in log if e["kind"] == "train"]
+    assert [e["batch"] for e in train] == [1, 2, 3, 4] and all("loss" in e for e in train)
+    assert [e["batch"] for e in log if e["kind"] == "eval"] == [2]
+    assert log[-1]["kind"] == "final"
+    assert len(list((run / "overlays").glob("*.png"))) == 2
+    assert read_run_config(run) == cfg
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_weights(run / "checkpoints" / "model.safetensors")
+
+
+@pytest.mark.parametrize("accumulate,stop", [(1, 3), (2, 2)])
+def test_resume_continues_exactly(tiny_mvtec, tmp_path, accumulate, stop):
+    # 8 training images at batch 4 = 2 batches per epoch: the interruption and the resume cross epochs
+    cfg = make_config("rd4ad", **tiny_run_overrides(tiny_mvtec, iterations=6, accumulate=accumulate))
+    full = fit(cfg, tmp_path / "full")
+    partial = fit(cfg, tmp_path / "resumed", stop_after=stop)
+    assert partial.metrics == {} and not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = fit(cfg, tmp_path / "resumed", resume=True)
+    a, b = _weights(full.run_dir), _weights(resumed.run_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed.metrics == full.metrics
+    losses_full = [e["loss"] for e in full.history if e["kind"] == "train"]
+    losses_resumed = [e["loss"] for e in resumed.history if e["kind"] == "train"]
+    assert losses_resumed == losses_full
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_mvtec, tmp_path):
+    cfg = make_config("rd4ad", **tiny_run_overrides(tiny_mvtec))
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        fit(cfg, tmp_path / "never-ran", resume=True)
+
+
+def test_load_and_predict_a_folder(tiny_mvtec, tmp_path):
+    cfg = make_config("rd4ad", **tiny_run_overrides(tiny_mvtec))
+    run = fit(cfg, tmp_path / "run").run_dir
+    model = load(run)
+    assert not model.training
+    out = tmp_path / "pred"
+    rows = predict(run, tiny_mvtec / "stripes" / "test", out)
+    assert len(rows) == 6
+    assert (out / "scores.csv").read_text().splitlines()[0] == "path,score"
+    assert len(list((out / "maps").glob("*.tiff"))) == 6
+    assert len(list((out / "overlays").glob("*.png"))) == 6
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        predict(run, tmp_path / "empty", out)
+
+
+def test_bf16_mixed_precision_on_cpu(tiny_mvtec, tmp_path):
+    cfg = make_config("rd4ad", **tiny_run_overrides(tiny_mvtec, iterations=2, precision="bf16-mixed"))
+    result = fit(cfg, tmp_path / "run")
+    assert "image_auroc" in result.metrics
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("old")
+
+    def broken(fh):
+        fh.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
