@@ -61,9 +61,7 @@ def bench_case(method_name: str, backbone_name: str, args, device: torch.device)
     optimizer = torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4)
     train_images = torch.rand(args.train_batch, 3, args.size, args.size, device=device)
     test_images = torch.rand(args.test_batch, 3, args.size, args.size, device=device)
-    batch = {"image": train_images}
-    for key in (views := [method.train_views(img.cpu()) for img in train_images[:1]])[0] if views else []:
-        batch[key] = torch.stack([method.train_views(img.cpu())[key] for img in train_images]).to(device)
+    batch = method.training_batch(train_images)
 
     def train_step():
         method.train()

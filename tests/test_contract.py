@@ -23,24 +23,14 @@ def build(name: str, seed: int = 0):
 
 def batch_for(method, n: int = 2, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, 3, SIZE, SIZE, generator=g)
-    batch = {"image": images, "mask": torch.zeros(n, 1, SIZE, SIZE), "label": torch.zeros(n, dtype=torch.long)}
-    views = [method.train_views(img) for img in images]
-    for key in views[0] if views else []:
-        batch[key] = torch.stack([v[key] for v in views])
-    return batch
+    batch = method.training_batch(torch.rand(n, 3, SIZE, SIZE, generator=g))
+    return {**batch, "mask": torch.zeros(n, 1, SIZE, SIZE), "label": torch.zeros(n, dtype=torch.long)}
 
 
 def optimizer_for(method):
     from reconad.config import OptimConfig
 
     return torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-3)
-
-
-def frozen_state(method) -> dict[str, torch.Tensor]:
-    trainable = {id(p) for g in method.param_groups(__import__("reconad.config").config.OptimConfig())
-                 for p in g["params"]}
-    return {name: p.detach().clone() for name, p in method.named_parameters() if id(p) not in trainable}
 
 
 @pytest.fixture(params=list_methods())

@@ -71,8 +71,8 @@ def test_load_and_predict_a_folder(tiny_mvtec, tmp_path):
     rows = predict(run, tiny_mvtec / "stripes" / "test", out)
     assert len(rows) == 6
     assert (out / "scores.csv").read_text().splitlines()[0] == "path,score"
-    assert len(list((out / "maps").glob("*.tiff"))) == 6
-    assert len(list((out / "overlays").glob("*.png"))) == 6
+    assert len(list((out / "maps").rglob("*.tiff"))) == 6  # good/000 and blob/000 do not collide
+    assert len(list((out / "overlays").rglob("*.png"))) == 6
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         predict(run, tmp_path / "empty", out)

@@ -68,8 +68,11 @@ def build_parser(method: str, prog: str = "reconad fit"):
 
     from .registry import get_method_class
 
-    cls = get_method_class(method)
-    parser = ArgumentParser(prog=prog, exit_on_error=False, description=f"Train {method}.")
+    try:
+        cls = get_method_class(method)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    parser = ArgumentParser(prog=prog, exit_on_error=False, allow_abbrev=False, description=f"Train {method}.")
     parser.add_argument("--config", action=ActionConfigFile, help="preset name or YAML file")
     parser.add_argument("--method", type=str, default=method)
     for section, schema in SECTIONS.items():
@@ -81,9 +84,15 @@ def build_parser(method: str, prog: str = "reconad fit"):
 
 
 def _namespace_to_config(parser, namespace) -> RunConfig:
+    from .backbones import list_backbones
+
     init = parser.instantiate(namespace)
     kwargs = {section: getattr(init, section) for section in SECTIONS}
-    return RunConfig(method=init.method, model=init.model, output_dir=init.output_dir, name=init.name, **kwargs)
+    cfg = RunConfig(method=init.method, model=init.model, output_dir=init.output_dir, name=init.name, **kwargs)
+    if cfg.backbone.name not in list_backbones():
+        raise UsageError(f"unknown backbone {cfg.backbone.name!r} (--backbone.name); known backbones: "
+                         f"{', '.join(list_backbones())}")
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
@@ -195,7 +204,7 @@ def _metrics_table(per_run: dict[str, dict[str, float]]) -> str:
 def _simple_parser(prog: str, description: str):
     from jsonargparse import ArgumentParser
 
-    return ArgumentParser(prog=prog, exit_on_error=False, description=description)
+    return ArgumentParser(prog=prog, exit_on_error=False, allow_abbrev=False, description=description)
 
 
 def cmd_test(argv: Sequence[str]) -> int:

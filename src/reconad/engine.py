@@ -262,7 +262,7 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     fabric = _fabric(cfg)
     set_seed(cfg.train.seed, cfg.train.deterministic)
     method = build_method(cfg)
-    train_set, holdout_set, test_set = build_datasets(cfg.data, views=method.train_views)
+    train_set, holdout_set, test_set = build_datasets(cfg.data, views=method.train_views, seed=cfg.train.seed)
     if fabric.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(run_dir / CONFIG_FILE, config_to_dict(cfg))
@@ -454,17 +454,22 @@ def evaluate(run_dir: str | Path, data_overrides: dict[str, Any] | None = None, 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-def _image_files(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+def _image_files(inputs: str | Path | Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """(file, output name without suffix): relative to the folder given, else the file name."""
     if isinstance(inputs, (str, Path)) and Path(inputs).is_dir():
-        files = sorted(p for p in Path(inputs).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        root = Path(inputs)
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {inputs}")
-        return files
+        return [(p, p.relative_to(root).with_suffix("")) for p in files]
     paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
-    return paths
+    names = [Path(p.stem) for p in paths]
+    if len(set(names)) < len(names):
+        raise ValueError("several input files share a name; pass their common folder instead")
+    return list(zip(paths, names))
 
 
 def predict(run_dir: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
@@ -480,15 +485,15 @@ def predict(run_dir: str | Path, inputs: str | Path | Sequence[str | Path], outp
     for start in tqdm(range(0, len(files), batch_size), desc="predict", dynamic_ncols=True):
         chunk = files[start:start + batch_size]
         images = torch.stack([resize_image(load_image(p), cfg.data.image_size, cfg.data.resize,
-                                           cfg.data.crop_size) for p in chunk])
+                                           cfg.data.crop_size) for p, _ in chunk])
         pred = method.predict(images.to(device))
-        for path, image, amap, score in zip(chunk, images, pred.anomaly_map, pred.score):
-            results.append((path, image.permute(1, 2, 0).numpy(), amap[0].float().cpu().numpy(), float(score)))
-    vmin = float(np.percentile(np.stack([r[2] for r in results]), 1))
-    vmax = float(max(r[2].max() for r in results))
-    for path, image, amap, score in results:
-        save_float_map(output_dir / "maps" / f"{path.stem}.tiff", amap)
-        save_png(output_dir / "overlays" / f"{path.stem}.png", heatmap_overlay(image, amap, vmin, vmax))
+        for (path, name), image, amap, score in zip(chunk, images, pred.anomaly_map, pred.score):
+            results.append((path, name, image.permute(1, 2, 0).numpy(), amap[0].float().cpu().numpy(), float(score)))
+    vmin = float(np.percentile(np.stack([r[3] for r in results]), 1))
+    vmax = float(max(r[3].max() for r in results))
+    for path, name, image, amap, score in results:
+        save_float_map(output_dir / "maps" / f"{name}.tiff", amap)
+        save_png(output_dir / "overlays" / f"{name}.png", heatmap_overlay(image, amap, vmin, vmax))
         rows.append({"path": str(path), "score": score})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["path", "score"])

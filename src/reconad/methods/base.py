@@ -48,6 +48,17 @@ class Method(nn.Module):
         """Extra training inputs made in the data loader from one [0, 1] image (3, H, W). Default: none."""
         return {}
 
+    def training_batch(self, images: Tensor) -> dict[str, Tensor]:
+        """A training batch as the data loader would build it: the images plus their stacked ``train_views``.
+
+        For benchmarks and tests that skip the data loader; views are made on the CPU, one image at a time.
+        """
+        batch = {"image": images}
+        views = [self.train_views(img.cpu()) for img in images]
+        for key in views[0] if views else {}:
+            batch[key] = torch.stack([v[key] for v in views]).to(images.device)
+        return batch
+
     # -- fitted statistics -----------------------------------------------------------------------------
     def prepare(self, loader: Iterable[dict[str, Any]]) -> None:
         """Fit statistics needed before training (buffers ending in ``_``). Default: nothing."""
