@@ -38,13 +38,15 @@ def demo(output_dir: str | Path = "runs/demo", categories: Sequence[str] | None 
     """Train RD4AD with the offline EfficientNet-Lite0 backbone on each built-in demo category."""
     from .data.demo import DEMO_CATEGORIES, ensure_demo_data
 
+    unknown = sorted(set(categories or ()) - set(DEMO_CATEGORIES))
+    if unknown:
+        raise ValueError(f"unknown demo categories {unknown}; choose from {', '.join(DEMO_CATEGORIES)}")
     root = ensure_demo_data()
+    train = {**sections.pop("train", {}), **({"threads": threads} if threads else {})}
+    data = sections.pop("data", {})
     results = {}
     for category in categories or DEMO_CATEGORIES:
-        if category not in DEMO_CATEGORIES:
-            raise ValueError(f"unknown demo category {category!r}; choose from {', '.join(DEMO_CATEGORIES)}")
-        train = {**sections.pop("train", {}), **({"threads": threads} if threads else {})}
-        cfg = make_config("demo", data={"root": str(root), "category": category}, train=train, **sections)
+        cfg = make_config("demo", data={**data, "root": str(root), "category": category}, train=train, **sections)
         run_dir = Path(output_dir) / category
         if run_dir.exists():
             shutil.rmtree(run_dir)  # the demo's own folder: always a fresh run

@@ -1,7 +1,8 @@
 """Import checkpoints saved by the official implementations (``reconad.load_official``).
 
-Each method's mapping is a table of key-prefix renames (module structure is kept close to the official code
-on purpose), plus the official keys we deliberately do not build (e.g. the encoder's unused ``layer4``).
+Each method's mapping (its class attribute ``official_layout``) is a table of key-prefix renames (module
+structure is kept close to the official code on purpose), plus the official keys we deliberately do not build
+(e.g. the encoder's unused ``layer4``).
 Key names and shapes of each official model are listed in ``spec/official_keys/<method>.json``.
 """
 
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .methods.base import Method
+if TYPE_CHECKING:
+    from .methods.base import Method
 
 
 @dataclass(frozen=True)
@@ -24,17 +26,7 @@ class OfficialLayout:
     """(official prefix, reconad prefix), first match wins."""
     unused: tuple[str, ...] = ()
     """Official key prefixes with no counterpart here (never-used layers); dropped."""
-    backbone_prefix: str = "encoder."
-    method_defaults: dict[str, Any] = field(default_factory=dict)
 
-
-LAYOUTS: dict[str, OfficialLayout] = {
-    # parity: official_code.md §1.2/§1.3 — layer4/fc are computed but unused; conv4/bn4 are never called
-    "rd4ad": OfficialLayout(
-        renames=(("encoder.", "backbone."), ("bn.", "bottleneck."), ("decoder.", "decoder.")),
-        unused=("encoder.layer4.", "encoder.fc.", "bn.conv4.", "bn.bn4."),
-    ),
-}
 
 
 def _flatten(state: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
@@ -86,9 +78,14 @@ def to_official(method: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _layout(method: str) -> OfficialLayout:
-    if method not in LAYOUTS:
-        raise ValueError(f"no official checkpoint layout for {method!r}; supported: {', '.join(sorted(LAYOUTS))}")
-    return LAYOUTS[method]
+    """Each method class declares its ``official_layout`` next to its code."""
+    from .registry import get_method_class, list_methods
+
+    layout = getattr(get_method_class(method), "official_layout", None)
+    if layout is None:
+        supported = [m for m in list_methods() if getattr(get_method_class(m), "official_layout", None)]
+        raise ValueError(f"no official checkpoint layout for {method!r}; supported: {', '.join(supported)}")
+    return layout
 
 
 def load_official(method: str, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
@@ -97,7 +94,7 @@ def load_official(method: str, path_or_state_dict: str | os.PathLike | Mapping[s
     """Build ``method`` and fill it with an official checkpoint.
 
     Args:
-        method: ``"rd4ad"`` (more methods add their layout to ``LAYOUTS``).
+        method: a method whose class declares ``official_layout`` (``"rd4ad"``, …).
         path_or_state_dict: a ``.pth`` file or a state dict in the official layout (flat, or nested by module
             as the official scripts save it).
         backbone: the encoder architecture the checkpoint was trained with.

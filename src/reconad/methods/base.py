@@ -37,6 +37,8 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     default_backbone: ClassVar[str] = "wide_resnet50_2"
     trainable_backbone: ClassVar[bool] = False
+    official_layout: ClassVar[Any] = None
+    """An ``reconad.official.OfficialLayout`` when official checkpoints of this method can be imported."""
 
     def __init__(self, cfg: MethodConfig, backbone: nn.Module):
         super().__init__()

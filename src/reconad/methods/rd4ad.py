@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..config import OptimConfig
 from ..losses import global_cosine, regional_cosine, summed_over_levels
 from ..nets.rd import OCBE, BlockType, Decoder, default_arch
+from ..official import OfficialLayout
 from ..registry import register_method
 from .base import Method, MethodConfig
 
@@ -52,6 +53,11 @@ class RD4AD(Method):
 
     name = "rd4ad"
     Config = RD4ADConfig
+    official_layout = OfficialLayout(
+        renames=(("encoder.", "backbone."), ("bn.", "bottleneck."), ("decoder.", "decoder.")),
+        # parity: official_code.md §1.2/§1.3 — layer4/fc are computed but unused; conv4/bn4 are never called
+        unused=("encoder.layer4.", "encoder.fc.", "bn.conv4.", "bn.bn4."),
+    )
 
     def __init__(self, cfg: RD4ADConfig, backbone: nn.Module):
         super().__init__(cfg, backbone)
