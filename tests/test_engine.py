@@ -20,7 +20,7 @@ def test_fit_writes_a_complete_run_folder(tiny_mvtec, tmp_path):
     result = fit(cfg, tmp_path / "run")
     run = result.run_dir
     for name in ("config.yaml", "log.jsonl", "metrics.json", "checkpoints/model.safetensors",
-                 "checkpoints/state.pt"):
+                 "checkpoints/state.pt", "test_scores.csv", "curves.json"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
     assert set(metrics) >= {"image_auroc", "pixel_auroc", "aupro", "aupro_per_image"}
@@ -32,6 +32,10 @@ def test_fit_writes_a_complete_run_folder(tiny_mvtec, tmp_path):
     assert log[-1]["kind"] == "final"
     assert len(list((run / "overlays").glob("*.png"))) == 2
     assert read_run_config(run) == cfg
+    curves = json.loads((run / "curves.json").read_text())
+    assert curves["image_roc"]["fpr"][0] == 0 and curves["image_roc"]["tpr"][-1] == 1
+    assert curves["pro"]["fpr"][0] == 0 and max(curves["pro"]["pro"]) <= 1 + 1e-9
+    assert len((run / "test_scores.csv").read_text().splitlines()) == 1 + 6
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

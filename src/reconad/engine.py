@@ -205,6 +205,28 @@ def score_outputs(out: EvalOutputs, cfg: RunConfig, has_masks: bool = True) -> d
     return compute_metrics(out.scores, out.labels, metrics=tuple(names))
 
 
+def write_test_results(out: EvalOutputs, folder: Path, pixel_curves: bool = True) -> None:
+    """``test_scores.csv`` (one row per test image) and ``curves.json`` (image ROC; PRO curve when masks exist),
+    so that reports can be drawn later without the model or the data."""
+    from sklearn.metrics import roc_curve
+
+    from .metrics import pro_curve
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "defect", "label", "score"])
+    writer.writerows(zip(out.paths, out.defects, out.labels.tolist(), out.scores.tolist()))
+    atomic_write(folder / "test_scores.csv", lambda fh: fh.write(buffer.getvalue().encode()))
+    curves: dict[str, Any] = {}
+    if len(set(out.labels.tolist())) == 2:
+        fpr, tpr, _ = roc_curve(out.labels, out.scores)
+        curves["image_roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    if pixel_curves and out.masks.any() and not out.masks.all():
+        fpr, pro, _ = pro_curve(out.maps, out.masks, num_thresholds=256)
+        curves["pro"] = {"fpr": fpr.tolist(), "pro": pro.tolist()}
+    write_json(folder / "curves.json", curves)
+
+
 def write_overlays(out: EvalOutputs, dataset: Dataset, folder: Path, count: int) -> list[Path]:
     """Overlays for up to ``count`` test images spread over the score ranking (highest, lowest, between)."""
     from .visualize import heatmap_overlay, save_png
@@ -303,6 +325,7 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
         write_json(run_dir / METRICS_FILE, {"metrics": metrics, "method": cfg.method,
                                             "category": cfg.data.category, "batches": done,
                                             "n_train": len(train_set), "n_test": len(test_set)})
+        write_test_results(out, run_dir, cfg.eval.pixel_metrics and getattr(test_set, "has_masks", True))
         write_overlays(out, test_set, run_dir / "overlays", cfg.eval.overlays)
     return RunResult(run_dir, metrics, jsonl.read())
 
