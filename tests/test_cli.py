@@ -130,3 +130,21 @@ def test_unknown_method_backbone_and_key(tiny_mvtec, tmp_path, capsys):
 def test_unknown_command(capsys):
     code, _, err = run_cli(["frobnicate"], capsys)
     assert code == 2 and "unknown command" in err
+
+
+def test_per_category_overrides_apply_only_to_their_category(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("method: rd4ad\ntrain: {epochs: 200}\nper_category:\n  carpet: {train: {epochs: 10}, "
+                      "model: {loss: regional}}\n")
+    carpet = make_config(str(preset), data={"category": "carpet"})
+    bottle = make_config(str(preset), data={"category": "bottle"})
+    assert (carpet.train.epochs, carpet.model.loss) == (10, "regional")
+    assert (bottle.train.epochs, bottle.model.loss) == (200, "global")
+    cli = parse_fit_args(["--config", str(preset), "--data.category", "carpet", "--train.seed", "5"])
+    assert cli.train.epochs == 10 and cli.train.seed == 5 and cli.per_category == {}
+    # explicit settings beat the per-category entry, on the command line and in Python
+    args = ["--config", str(preset), "--data.category", "carpet", "--train.epochs", "3"]
+    assert parse_fit_args(args).train.epochs == 3
+    assert make_config(str(preset), data={"category": "carpet"}, train={"epochs": 3}).train.epochs == 3
+    with pytest.raises(ValueError, match="epohcs"):
+        make_config(str(preset), data={"category": "carpet"}, per_category={"carpet": {"train": {"epohcs": 1}}})

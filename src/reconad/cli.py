@@ -80,6 +80,7 @@ def build_parser(method: str, prog: str = "reconad fit"):
     parser.add_class_arguments(cls.Config, "model")
     parser.add_argument("--output_dir", type=str, default="runs")
     parser.add_argument("--name", type=str | None, default=None)
+    parser.add_argument("--per_category", type=dict[str, dict[str, Any]], default={})
     return parser
 
 
@@ -88,6 +89,7 @@ def _namespace_to_config(parser, namespace) -> RunConfig:
 
     init = parser.instantiate(namespace)
     kwargs = {section: getattr(init, section) for section in SECTIONS}
+    # per_category entries are applied before this point (see _apply_per_category); a resolved config has none
     cfg = RunConfig(method=init.method, model=init.model, output_dir=init.output_dir, name=init.name, **kwargs)
     if cfg.backbone.name not in list_backbones():
         raise UsageError(f"unknown backbone {cfg.backbone.name!r} (--backbone.name); known backbones: "
@@ -95,10 +97,28 @@ def _namespace_to_config(parser, namespace) -> RunConfig:
     return cfg
 
 
+def _category_overrides(per_category: dict[str, Any], category: str | None) -> dict[str, Any]:
+    overrides = per_category.get(category or "", {}) if per_category else {}
+    if "method" in overrides or "per_category" in overrides:
+        raise UsageError(f"per_category[{category!r}] may not change 'method' or 'per_category'")
+    return overrides
+
+
+def _apply_per_category(data: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Preset → its per-category overrides for ``data.category`` → ``extra`` (explicit overrides win)."""
+    extra = extra or {}
+    data = dict(data)
+    per_category = {**data.pop("per_category", {}), **extra.get("per_category", {})}
+    extra = {k: v for k, v in extra.items() if k != "per_category"}
+    category = (extra.get("data") or {}).get("category") or (data.get("data") or {}).get("category")
+    return deep_merge(deep_merge(data, _category_overrides(per_category, category)), extra)
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """A RunConfig from a nested mapping (a preset, a saved ``config.yaml``); unknown keys are errors."""
     from jsonargparse import ArgumentError
 
+    data = _apply_per_category(data)
     method = data.get("method", "rd4ad")
     parser = build_parser(method)
     try:
@@ -120,7 +140,7 @@ def make_config(preset: str = "rd4ad", **sections: Any) -> RunConfig:
         if preset not in list_methods():
             raise
         base = {"method": preset}
-    return config_from_dict(deep_merge(base, sections))
+    return config_from_dict(_apply_per_category(base, sections))
 
 
 def _method_from_argv(argv: Sequence[str]) -> str:
@@ -148,8 +168,15 @@ def parse_fit_args(argv: Sequence[str]) -> RunConfig:
     from jsonargparse import ArgumentError
 
     parser = build_parser(_method_from_argv(argv))
+    argv = _expand_preset_args(argv)
     try:
-        return _namespace_to_config(parser, parser.parse_args(_expand_preset_args(argv)))
+        namespace = parser.parse_args(argv)
+        overrides = _category_overrides(namespace.per_category, namespace.data.category)
+        if overrides:  # preset < its per-category overrides < the command line
+            last_config = max((i for i, a in enumerate(argv) if a == "--config"), default=-2)
+            argv = [*argv[:last_config + 2], "--config", yaml.safe_dump(overrides), *argv[last_config + 2:]]
+            namespace = parser.parse_args(argv)
+        return _namespace_to_config(parser, namespace)
     except ArgumentError as err:
         raise UsageError(f"{err}\n(run `reconad fit --config PRESET --help` for every option)") from err
 

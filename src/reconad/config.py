@@ -105,5 +105,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     model: Any = None
     """The method's own ``Config`` instance (see ``reconad.methods``)."""
+    per_category: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Category → nested overrides applied when ``data.category`` matches (official per-category settings such
+    as RD++'s epoch table or ReContrast's encoder-BN lists live in presets this way)."""
     output_dir: str = "runs"
     name: str | None = None
