@@ -437,7 +437,7 @@ def _curve(
         fp = np.cumsum(np.bincount(first_normal, minlength=num_thresholds + 1))[:num_thresholds].astype(np.float64)
         y = np.cumsum(np.bincount(first_anom, weights=weights, minlength=num_thresholds + 1))[:num_thresholds]
     fpr = np.concatenate([[0.0], fp / n])
-    y = np.concatenate([[0.0], y])
+    y = np.minimum(np.concatenate([[0.0], y]), 1.0)  # summed weights 1/(area·regions) can round to 1 + 1e-16
     return fpr, y, np.concatenate([[np.inf], thresholds])
 
 
