@@ -10,7 +10,8 @@ from reconad.backbones import create_backbone
 from reconad.official import load_official, rename_official, to_official
 from reconad.registry import create_method
 
-OFFICIAL_KEYS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "official_keys" / "rd4ad.json"
+# a copy of spec/official_keys/rd4ad.json, so the tests do not depend on files outside the repository
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "official_keys" / "rd4ad.json"
 
 
 def official_layout_state(model) -> dict[str, torch.Tensor]:

@@ -8,13 +8,13 @@ import torch
 
 from reconad.nets.rd import OCBE, Decoder, count_parameters, default_arch
 
-OFFICIAL_KEYS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "official_keys" / "rd4ad.json"
+# a copy of spec/official_keys/rd4ad.json, so the tests do not depend on files outside the repository
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "official_keys" / "rd4ad.json"
 WRN_TAPS = (256, 512, 1024)
 
 
 def _official_keys() -> dict[str, list[int]]:
-    path = OFFICIAL_KEYS if OFFICIAL_KEYS.exists() else Path(__file__).parent / "data" / "rd4ad_official_keys.json"
-    return json.loads(path.read_text())["keys"]
+    return json.loads(OFFICIAL_KEYS.read_text())["keys"]
 
 
 def test_wrn50_parameter_counts_match_spec():

@@ -38,7 +38,25 @@ def deconv2x2(in_ch: int, out_ch: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(in_ch, out_ch, kernel_size=2, stride=2, bias=False)
 
 
-class Bottleneck(nn.Module):
+def rescaling_conv(in_ch: int, out_ch: int, scale: float) -> nn.Module:
+    """2×2 stride-2 transposed conv (scale 2), 3×3 stride-2 conv (scale 0.5) or 3×3 conv (scale 1)."""
+    return deconv2x2(in_ch, out_ch) if scale == 2 else conv3x3(in_ch, out_ch, stride=2 if scale < 1 else 1)
+
+
+class _ResidualBlock(nn.Module):
+    def _set_shortcut(self, scale: float, shortcut: nn.Module | None) -> None:
+        # official names: `upsample` in the decoder, `downsample` in the OCE
+        if scale == 2:
+            self.upsample = shortcut
+        else:
+            self.downsample = shortcut
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        shortcut = self.upsample if hasattr(self, "upsample") else self.downsample
+        return x if shortcut is None else shortcut(x)
+
+
+class Bottleneck(_ResidualBlock):
     """ResNet bottleneck; ``scale`` = 2 upsamples (decoder), 0.5 downsamples (OCE), 1 keeps the size."""
 
     def __init__(self, in_ch: int, width: int, out_ch: int, scale: float = 1, shortcut: nn.Module | None = None,
@@ -46,52 +64,40 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = conv1x1(in_ch, width)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = deconv2x2(width, width) if scale == 2 else conv3x3(width, width, stride=2 if scale < 1 else 1)
+        self.conv2 = rescaling_conv(width, width, scale)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, out_ch)
         self.bn3 = nn.BatchNorm2d(out_ch)
         self.relu = act()
-        # official names: `upsample` in the decoder, `downsample` in the OCE
-        if scale == 2:
-            self.upsample = shortcut
-        else:
-            self.downsample = shortcut
+        self._set_shortcut(scale, shortcut)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        identity = _shortcut(self, x)
+        identity = self._shortcut(x)
         return self.relu(out + identity)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_ResidualBlock):
     """ResNet basic block (ResNet18/34 decoders); ``scale`` as in :class:`Bottleneck`."""
 
     def __init__(self, in_ch: int, width: int, out_ch: int, scale: float = 1, shortcut: nn.Module | None = None,
                  act: type[nn.Module] = nn.ReLU):
         super().__init__()
         del width  # basic blocks have no inner width
-        self.conv1 = deconv2x2(in_ch, out_ch) if scale == 2 else conv3x3(in_ch, out_ch, stride=2 if scale < 1 else 1)
+        self.conv1 = rescaling_conv(in_ch, out_ch, scale)
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.relu = act()
         self.conv2 = conv3x3(out_ch, out_ch)
         self.bn2 = nn.BatchNorm2d(out_ch)
-        if scale == 2:
-            self.upsample = shortcut
-        else:
-            self.downsample = shortcut
+        self._set_shortcut(scale, shortcut)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        identity = _shortcut(self, x)
+        identity = self._shortcut(x)
         return self.relu(out + identity)
-
-
-def _shortcut(block: nn.Module, x: Tensor) -> Tensor:
-    shortcut = block.upsample if hasattr(block, "upsample") else block.downsample
-    return x if shortcut is None else shortcut(x)
 
 
 BLOCKS: dict[str, type[nn.Module]] = {"bottleneck": Bottleneck, "basic": BasicBlock}
@@ -219,3 +225,38 @@ def default_arch(backbone_name: str) -> RDArch:
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class ProjLayer(nn.Module):
+    """RD++ projector for one level: 4 × [conv3×3 (bias) → InstanceNorm → LeakyReLU 0.01], ``c → c/2 → c/4 → c/2 →
+    c_out``.
+
+    parity: official_code.md §3.1 — InstanceNorm2d without affine or running stats, PyTorch default conv init,
+    the last layer also normalised and activated; ``proj.{0,3,6,9}`` are the official conv keys.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        widths = [in_ch, in_ch // 2, in_ch // 4, in_ch // 2, out_ch]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1), nn.InstanceNorm2d(c_out),
+                       nn.LeakyReLU()]
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class MultiProjectionLayer(nn.Module):
+    """One :class:`ProjLayer` per tap (``proj_a``, ``proj_b``, ``proj_c`` as official), each keeping its shape."""
+
+    def __init__(self, channels: Sequence[int]):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.proj_a = ProjLayer(c1, c1)
+        self.proj_b = ProjLayer(c2, c2)
+        self.proj_c = ProjLayer(c3, c3)
+
+    def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        return [proj(f) for proj, f in zip((self.proj_a, self.proj_b, self.proj_c), feats)]
