@@ -24,7 +24,10 @@ from reconad.config import OptimConfig
 from reconad.nets.rd import count_parameters
 from reconad.registry import create_method, get_method_class
 
-DEFAULT_CASES = ["rd4ad:wide_resnet50_2", "rd4ad:efficientnet_lite0"]
+DEFAULT_CASES = ["rd4ad:wide_resnet50_2", "rd4ad:efficientnet_lite0", "recontrast:wide_resnet50_2",
+                 "recontrast:efficientnet_lite0", "rdpp:wide_resnet50_2", "rdpp:efficientnet_lite0",
+                 "ssl_ae:resnet18", "ulsad:wide_resnet50_2",  # ssl_ae reads pixels: its backbone is a placeholder
+                 "gnl:wide_resnet50_2"]
 
 
 def sync(device: torch.device) -> None:

@@ -17,7 +17,11 @@ class DataConfig:
     root: str | None = None
     """Dataset root. MVTec layout: ``root/<category>/{train,test,ground_truth}``; folder layout: see below."""
     category: str | None = None
-    layout: Literal["mvtec", "folder"] = "mvtec"
+    categories: list[str] | None = None
+    """MVTec layout only: train one model on the union of these categories (ReContrast's multi-class setting); the
+    test set is the union of their test sets. Leave ``category`` unset; evaluate one category afterwards with
+    ``categories=None, category=<name>``."""
+    layout: Literal["mvtec", "folder", "loco"] = "mvtec"
     normal_dir: str | None = None
     """Folder layout only: folder of normal test images (relative to ``root`` or absolute)."""
     anomalous_dir: str | None = None
@@ -40,6 +44,8 @@ class DataConfig:
     eval_batch_size: int = 8
     num_workers: int = 0
     drop_last: bool = False
+    loco_spro_fpr_limit: float = 0.05
+    """MVTec LOCO layout only: FPR integration limit of the reported sPRO (the LOCO papers report 0.05)."""
 
 
 @dataclass
@@ -93,6 +99,12 @@ class EvalConfig:
     fpr_limit: float = 0.3
     overlays: int = 8
     """How many test overlays (heat maps) to write after the final evaluation."""
+    plots: bool = True
+    """Render training-curve PNGs from ``log.jsonl`` into ``run_dir/plots/`` after training (``reconad.plots``)."""
+    selection: Literal["last", "best_test"] = "last"
+    """``last``: report the final model. ``best_test``: ALSO evaluate on the test set after every epoch and report
+    the epoch with the best (pixel AUROC + image AUROC + per-image AUPRO) / 3 — the official RD++ rule, i.e.
+    test-set model selection (optimistic; for parity runs only). The final-model metrics are kept as well."""
 
 
 @dataclass

@@ -194,15 +194,24 @@ class _nullcontext:
         return False
 
 
-def score_outputs(out: EvalOutputs, cfg: RunConfig, has_masks: bool = True) -> dict[str, float]:
+def score_outputs(out: EvalOutputs, cfg: RunConfig, dataset: Dataset | None = None) -> dict[str, float]:
+    """The standard metrics of one test set, plus whatever the dataset adds.
+
+    A dataset may define ``extra_metrics(outputs: EvalOutputs) -> dict[str, float]`` (e.g. MVTec LOCO's
+    structural/logical AUROC and sPRO) and ``has_masks`` (False: image-level metrics only).
+    """
     from .metrics import compute_metrics
 
-    names = ["image_auroc"]
+    has_masks = getattr(dataset, "has_masks", True)
     if cfg.eval.pixel_metrics and has_masks and out.masks.any():
-        names += ["pixel_auroc", "aupro", "aupro_per_image"]
-        return compute_metrics(out.scores, out.labels, out.maps, out.masks, metrics=tuple(names),
-                               mask_threshold=0.5, fpr_limit=cfg.eval.fpr_limit)
-    return compute_metrics(out.scores, out.labels, metrics=tuple(names))
+        names = ("image_auroc", "pixel_auroc", "aupro", "aupro_per_image")
+        metrics = compute_metrics(out.scores, out.labels, out.maps, out.masks, metrics=names,
+                                  mask_threshold=0.5, fpr_limit=cfg.eval.fpr_limit)
+    else:
+        metrics = compute_metrics(out.scores, out.labels, metrics=("image_auroc",))
+    if hasattr(dataset, "extra_metrics"):
+        metrics.update(dataset.extra_metrics(out))
+    return metrics
 
 
 def write_test_results(out: EvalOutputs, folder: Path, pixel_curves: bool = True) -> None:
@@ -317,17 +326,46 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
         method.calibrate(_loader(holdout_set, cfg.data.eval_batch_size, cfg.data.num_workers))
     out = predict_dataset(method, test_set, cfg.data.eval_batch_size, fabric.device, cfg.data.num_workers,
                           fabric.autocast, desc="test")
-    metrics = score_outputs(out, cfg, getattr(test_set, "has_masks", True))
+    metrics = score_outputs(out, cfg, test_set)
     if fabric.is_global_zero:
         loop.checkpoint(done)
         final = {"batches": done, "kind": "final", **metrics}
         jsonl.write(final)
-        write_json(run_dir / METRICS_FILE, {"metrics": metrics, "method": cfg.method,
+        selected = {}
+        if cfg.eval.selection == "best_test":
+            selected = _select_best_test(jsonl.read(), metrics, done, batches_per_epoch)
+            jsonl.write({"batch": done, "kind": "selected", **selected})
+        write_json(run_dir / METRICS_FILE, {"metrics": metrics, **selected, "method": cfg.method,
                                             "category": cfg.data.category, "batches": done,
                                             "n_train": len(train_set), "n_test": len(test_set)})
         write_test_results(out, run_dir, cfg.eval.pixel_metrics and getattr(test_set, "has_masks", True))
         write_overlays(out, test_set, run_dir / "overlays", cfg.eval.overlays)
+        if cfg.eval.plots:
+            from .plots import plot_run
+
+            plot_run(run_dir)
     return RunResult(run_dir, metrics, jsonl.read())
+
+
+SELECTION_KEYS = ("pixel_auroc", "image_auroc", "aupro_per_image")
+
+
+def _select_best_test(history: list[dict[str, Any]], final: dict[str, float], done: int,
+                      batches_per_epoch: int) -> dict[str, Any]:
+    """The official RD++ rule: the epoch-end evaluation (or the final model) with the best mean of pixel AUROC,
+    image AUROC and per-image AUPRO on the TEST set; the first best wins, as the official strict ``>``."""
+    candidates = [e for e in history if e.get("kind") == "eval" and e.get("epoch_end")]
+    candidates.append({"batch": done, "epoch": (done - 1) // batches_per_epoch, **final})
+    best, best_score = candidates[-1], -math.inf
+    for entry in candidates:
+        values = [entry[k] for k in SELECTION_KEYS if k in entry]
+        score = float(np.mean(values)) if values else -math.inf
+        if score > best_score:
+            best, best_score = entry, score
+    metrics = {k: v for k, v in best.items() if k not in ("batch", "epoch", "kind", "epoch_end")}
+    return {"selected_metrics": metrics, "selection": {
+        "rule": "best_test", "label": "test-set model selection (official RD++ rule; optimistic, parity only)",
+        "batch": best["batch"], "epoch": best["epoch"], "score": best_score, "keys": list(SELECTION_KEYS)}}
 
 
 def _restore(run_dir: Path, method: Method, optimizer, scheduler) -> int:
@@ -379,8 +417,9 @@ class _TrainLoop:
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
             self.record(terms, done, epoch)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < self.total:
-                self.evaluate(done, epoch)
+            epoch_end = cfg.eval.selection == "best_test" and done % self.per_epoch == 0
+            if done < self.total and (epoch_end or (cfg.train.eval_every and done % cfg.train.eval_every == 0)):
+                self.evaluate(done, epoch, epoch_end)
             if self._should_checkpoint(done, stop_after):
                 self.checkpoint(done)
             if stop_after is not None and done >= stop_after:
@@ -410,11 +449,12 @@ class _TrainLoop:
             self.jsonl.write(entry)
             self.window = {}
 
-    def evaluate(self, done: int, epoch: int) -> None:
+    def evaluate(self, done: int, epoch: int, epoch_end: bool = False) -> None:
         out = predict_dataset(self.method, self.test_set, self.cfg.data.eval_batch_size, self.fabric.device,
                               self.cfg.data.num_workers, self.fabric.autocast, desc=f"eval@{done}")
-        metrics = score_outputs(out, self.cfg, getattr(self.test_set, "has_masks", True))
-        self.jsonl.write({"batch": done, "epoch": epoch, "kind": "eval", **metrics})
+        metrics = score_outputs(out, self.cfg, self.test_set)
+        self.jsonl.write({"batch": done, "epoch": epoch, "kind": "eval", **({"epoch_end": True} if epoch_end else {}),
+                          **metrics})
         log.info("batch %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def _should_checkpoint(self, done: int, stop_after: int | None) -> bool:
@@ -467,7 +507,7 @@ def evaluate(run_dir: str | Path, data_overrides: dict[str, Any] | None = None, 
     method = load(run_dir, device)
     _, _, test_set = build_datasets(cfg.data)
     out = predict_dataset(method, test_set, cfg.data.eval_batch_size, torch.device(device), cfg.data.num_workers)
-    metrics = score_outputs(out, cfg, getattr(test_set, "has_masks", True))
+    metrics = score_outputs(out, cfg, test_set)
     if write:
         write_json(Path(run_dir) / "test_metrics.json", {"metrics": metrics, "data": asdict(cfg.data)})
         write_overlays(out, test_set, Path(run_dir) / "test_overlays", cfg.eval.overlays)

@@ -96,6 +96,35 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Te
     return x.to(dtype)
 
 
+def box_filter(maps: Tensor, size: int, passes: int = 1) -> Tensor:
+    """``passes`` k×k mean filters of (..., H, W) maps, each equal to ``scipy.ndimage.uniform_filter(size, mode=
+    "reflect")`` (Bauer et al.'s G_k^n). Odd ``size`` only (scipy shifts even windows); ``passes=0`` is identity."""
+    if size % 2 == 0 or size < 1:
+        raise ValueError(f"box_filter size must be a positive odd number, got {size}")
+    if passes <= 0 or size == 1:
+        return maps
+    dtype = maps.dtype
+    kernel = torch.full((size,), 1.0 / size, dtype=torch.float64, device=maps.device)
+    x = maps.to(torch.float64)
+    for _ in range(passes):
+        x = _blur_along(_blur_along(x, kernel, dim=-2), kernel, dim=-1)
+    return x.to(dtype)
+
+
+def ssim_map(a: Tensor, b: Tensor, sigma: float = 1.5, truncate: float = 3.5, c1: float = 0.01 ** 2,
+             c2: float = 0.03 ** 2) -> Tensor:
+    """Per-pixel, per-channel SSIM of (B, C, H, W) images in [0, 1] with a Gaussian window (default 11×11, σ 1.5)
+    and reflect padding, via :func:`gaussian_blur`. Returns (B, C, H, W)."""
+    def blur(x: Tensor) -> Tensor:
+        return gaussian_blur(x, sigma, truncate)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+
+
 def image_score(maps: Tensor, mode: str = "max", topk: float = 0.01) -> Tensor:
     """(B, 1, H, W) or (B, H, W) maps → (B,) scores: max, mean, or mean of the top-k fraction of pixels."""
     flat = maps.flatten(1)

@@ -420,17 +420,35 @@ def _holdout_split(n: int, fraction: float, seed: int, where: str) -> tuple[list
     return sorted(int(i) for i in perm[n_hold:]), sorted(int(i) for i in perm[:n_hold])
 
 
+def _multi_category(cfg: DataConfig, split: str, views: Views | None, indices: Sequence[int] | None,
+                    seed: int) -> ImageDataset:
+    """One dataset over several MVTec-layout categories (records concatenated in ``cfg.categories`` order)."""
+    if cfg.category is not None:
+        raise DataError(f"Set either data.category ({cfg.category!r}) or data.categories, not both.")
+    parts = [MVTecDataset(cfg.root, c, split, cfg, seed=seed) for c in cfg.categories]
+    records = _select([r for part in parts for r in part.records], indices)
+    dataset = ImageDataset(records, cfg, views, seed=seed)
+    dataset.root, dataset.categories, dataset.split = Path(cfg.root).expanduser(), list(cfg.categories), split
+    return dataset
+
+
 def _make(cfg: DataConfig, split: str, views: Views | None, indices: Sequence[int] | None, seed: int) -> ImageDataset:
     if cfg.layout == "mvtec":
         if cfg.root is None:
             raise DataError(f"data.root is not set. Expected the MVTec AD layout: {_MVTEC_LAYOUT}.")
+        if cfg.categories:
+            return _multi_category(cfg, split, views, indices, seed)
         if cfg.category is None:
             found = ", ".join(list_categories(cfg.root)) or "none"
             raise DataError(f"data.category is not set. Categories found in {cfg.root}: {found}.")
         return MVTecDataset(cfg.root, cfg.category, split, cfg, views, indices, seed=seed)
     if cfg.layout == "folder":
         return FolderDataset(cfg.root, split, cfg, views, indices, seed=seed)
-    raise DataError(f"Unknown data.layout {cfg.layout!r}; use 'mvtec' or 'folder'.")
+    if cfg.layout == "loco":
+        from reconad.data.loco import make_loco_dataset  # lazily: loco.py builds on this module
+
+        return make_loco_dataset(cfg, split, views, indices, seed)
+    raise DataError(f"Unknown data.layout {cfg.layout!r}; use 'mvtec', 'folder' or 'loco'.")
 
 
 def build_datasets(
