@@ -65,6 +65,10 @@ def bench_case(method_name: str, backbone_name: str, args, device: torch.device)
     train_images = torch.rand(args.train_batch, 3, args.size, args.size, device=device)
     test_images = torch.rand(args.test_batch, 3, args.size, args.size, device=device)
     batch = method.training_batch(train_images)
+    # fitted statistics (ULSAD feature stats, GNL's reference) from one batch, so inference runs as in a real run
+    fit_batch = {"image": train_images.cpu(), "path": [f"bench{i}" for i in range(len(train_images))]}
+    method.prepare([fit_batch])
+    method.calibrate([fit_batch])
 
     def train_step():
         method.train()

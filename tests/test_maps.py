@@ -74,3 +74,13 @@ def test_anomaly_map_is_sum_of_upsampled_levels_then_blur():
     blurred = maps.anomaly_map(pairs, (16, 16), maps.MapsConfig(sigma=4))
     ref = np.stack([[scipy.ndimage.gaussian_filter(m[0].double().numpy(), 4)] for m in expected])
     np.testing.assert_allclose(blurred.numpy(), ref, atol=1e-6)
+
+
+def test_gaussian_blur_torch_reflect_padding_equals_conv2d_with_reflect_pad():
+    x = torch.rand(2, 1, 40, 37, dtype=torch.float64)
+    kernel = maps.gaussian_kernel1d(4.0)
+    k2 = (kernel[:, None] * kernel[None, :])[None, None]
+    padded = torch.nn.functional.pad(x, (16, 16, 16, 16), mode="reflect")
+    torch.testing.assert_close(maps.gaussian_blur(x, 4.0, padding="reflect"), torch.nn.functional.conv2d(padded, k2))
+    with pytest.raises(ValueError, match="padding"):
+        maps.gaussian_blur(x, 4.0, padding="zeros")

@@ -29,7 +29,7 @@ LADDER = {  # preset → (train_encoder, loss, stop_gradient, contrast_pairs, ha
     "config_e": (True, "global", True, True, False),
     "full": (True, "global", True, True, True),
 }
-OFFICIAL_KEYS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "official_keys" / "recontrast.json"
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "official_keys" / "recontrast.json"  # copy of spec/official_keys
 
 
 def build(seed: int = 0, backbone: str = "resnet18", **cfg) -> ReContrast:

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from reconad.backbones import create_backbone
 from reconad.maps import gaussian_blur, gaussian_kernel1d
 from reconad.methods.ulsad import ULSAD, attention_loss, official_test_calibration
-from reconad.nets.ulsad import ConvAutoEncoder, FeatAE, aggregate_features, torch_reflect_blur
+from reconad.nets.ulsad import ConvAutoEncoder, FeatAE, aggregate_features
 from reconad.official import load_official, to_official
 from reconad.registry import create_method
 
-OFFICIAL_KEYS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "official_keys" / "ulsad.json"
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "official_keys" / "ulsad.json"  # copy of spec/official_keys
 
 
 def small_ulsad(seed: int = 0, feature_dim: int = 32) -> ULSAD:
@@ -123,10 +123,11 @@ def test_blur_is_kornia_style_torch_reflect():
     k1 = gaussian_kernel1d(4.0, 4.0, dtype=torch.float32)
     kernel2d = (k1[:, None] * k1[None, :])[None, None]  # kornia's 33 × 33 kernel
     direct = F.conv2d(F.pad(maps, (16, 16, 16, 16), mode="reflect"), kernel2d)
-    torch.testing.assert_close(torch_reflect_blur(maps, 4.0), direct, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(torch_reflect_blur(maps, 4.0), gaussian_blur(maps, 4.0), atol=1e-4)  # scipy ≠ torch
+    torch.testing.assert_close(gaussian_blur(maps, 4.0, padding="reflect"), direct, rtol=1e-5, atol=1e-6)
+    scipy_style = gaussian_blur(maps, 4.0)
+    assert not torch.allclose(gaussian_blur(maps, 4.0, padding="reflect"), scipy_style, atol=1e-4)  # scipy ≠ torch
     const = torch.full((1, 1, 20, 20), 3.0)  # reflect padding keeps constants (radius 16 > 19 would need wrapping)
-    torch.testing.assert_close(torch_reflect_blur(const, 4.0), const)
+    torch.testing.assert_close(gaussian_blur(const, 4.0, padding="reflect"), const)
 
 
 def test_calibrated_maps_are_quantile_normalised_before_the_blur():

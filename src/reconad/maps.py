@@ -65,35 +65,47 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype=torch.float64, 
     return kernel / kernel.sum()
 
 
-def _symmetric_indices(length: int, radius: int, device) -> Tensor:
-    """Source indices for scipy's ``mode='reflect'`` (half-sample symmetric, edge repeated), any radius."""
+def _padding_indices(length: int, radius: int, padding: str, device) -> Tensor:
+    """Source indices of a padded axis, for any radius (the pattern repeats periodically).
+
+    ``scipy``: scipy's ``mode='reflect'``, half-sample symmetric (d c b a | a b c d | d c b a);
+    ``reflect``: torch/kornia ``reflect``, whole-sample (… c b | a b c d | c b …).
+    """
     idx = torch.arange(-radius, length + radius, device=device)
-    period = 2 * length
-    idx = torch.remainder(idx, period)
-    return torch.where(idx >= length, period - 1 - idx, idx)
+    if padding == "scipy":
+        period = 2 * length
+        idx = torch.remainder(idx, period)
+        return torch.where(idx >= length, period - 1 - idx, idx)
+    if padding == "reflect":
+        if length == 1:
+            return torch.zeros_like(idx)
+        period = 2 * (length - 1)
+        idx = torch.remainder(idx, period)
+        return torch.where(idx >= length, period - idx, idx)
+    raise ValueError(f"padding must be 'scipy' or 'reflect', got {padding!r}")
 
 
-def _blur_along(x: Tensor, kernel: Tensor, dim: int) -> Tensor:
+def _blur_along(x: Tensor, kernel: Tensor, dim: int, padding: str) -> Tensor:
     radius = (kernel.numel() - 1) // 2
-    index = _symmetric_indices(x.shape[dim], radius, x.device)
-    padded = x.index_select(dim, index)  # (N, H+2r, W) or (N, H, W+2r)
-    windows = padded.unfold(dim, kernel.numel(), 1)  # (..., K)
-    return windows @ kernel
+    padded = x.index_select(dim, _padding_indices(x.shape[dim], radius, padding, x.device))
+    return padded.unfold(dim, kernel.numel(), 1) @ kernel  # windows (..., K) · kernel (K,)
 
 
-def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Tensor:
-    """Gaussian blur of (..., H, W) maps equal to ``scipy.ndimage.gaussian_filter(sigma, truncate, mode="reflect")``.
+def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0, padding: str = "scipy") -> Tensor:
+    """Separable Gaussian blur of (..., H, W) maps.
 
-    Computed in float64 like the official code's scipy call, returned in the input dtype.
+    ``padding="scipy"`` equals ``scipy.ndimage.gaussian_filter(sigma, truncate, mode="reflect")`` and is computed
+    in float64 like the RD family's scipy call; ``padding="reflect"`` is torch/kornia whole-sample reflection in
+    the input dtype, as anomalib's ``GaussianBlur2d`` (ULSAD). The result has the input dtype.
     """
     if sigma <= 0:
         return maps
-    dtype = maps.dtype
-    kernel = gaussian_kernel1d(sigma, truncate, dtype=torch.float64, device=maps.device)
-    x = maps.to(torch.float64)
-    x = _blur_along(x, kernel, dim=-2)
-    x = _blur_along(x, kernel, dim=-1)
-    return x.to(dtype)
+    work = torch.float64 if padding == "scipy" else maps.dtype
+    kernel = gaussian_kernel1d(sigma, truncate, dtype=work, device=maps.device)
+    x = maps.to(work)
+    for dim in (-2, -1):
+        x = _blur_along(x, kernel, dim, padding)
+    return x.to(maps.dtype)
 
 
 def box_filter(maps: Tensor, size: int, passes: int = 1) -> Tensor:
@@ -107,7 +119,7 @@ def box_filter(maps: Tensor, size: int, passes: int = 1) -> Tensor:
     kernel = torch.full((size,), 1.0 / size, dtype=torch.float64, device=maps.device)
     x = maps.to(torch.float64)
     for _ in range(passes):
-        x = _blur_along(_blur_along(x, kernel, dim=-2), kernel, dim=-1)
+        x = _blur_along(_blur_along(x, kernel, -2, "scipy"), kernel, -1, "scipy")
     return x.to(dtype)
 
 

@@ -16,13 +16,13 @@ from torch import Tensor, nn
 
 from ..config import OptimConfig
 from ..data.noise import SimplexNoisePatch
-from ..losses import global_cosine, regional_cosine, summed_over_levels
+from ..losses import summed_over_levels
 from ..maps import cosine_distance_map
 from ..nets.rd import MultiProjectionLayer
 from ..official import OfficialLayout
 from ..registry import register_method
 from .base import Method
-from .rd4ad import RD4ADConfig, build_rd_student
+from .rd4ad import LOSSES, RD4ADConfig, build_rd_student
 
 # parity: official_code.md §3.3 — L_proj = (ssot + 0.01·recon + 0.1·contrast) / 1.11
 RECON_WEIGHT, CONTRAST_WEIGHT, PROJ_NORM = 0.01, 0.1, 1.11
@@ -52,9 +52,6 @@ class RDPPConfig(RD4ADConfig):
     drop_odd_batches: bool = False
     """Paper-era behaviour (before commit 94a8df5): zero_grad before every backward, so with ``train.accumulate:
     2`` only every 2nd batch contributes. Implemented as a zero-gradient loss for the first batch of each pair."""
-
-
-LOSSES = {"global": global_cosine, "regional": regional_cosine}
 
 
 @lru_cache(maxsize=1)

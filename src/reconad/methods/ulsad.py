@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..losses import mse_cosine_map
 from ..maps import MapsConfig, fuse, gaussian_blur, image_score, upsample
-from ..nets.ulsad import ConvAutoEncoder, FeatAE, aggregate_features, attention, torch_reflect_blur
+from ..nets.ulsad import ConvAutoEncoder, FeatAE, aggregate_features, attention
 from ..official import OfficialLayout
 from ..registry import register_method
 from .base import Method, MethodConfig, Prediction
@@ -232,7 +232,8 @@ class ULSAD(Method):
     def _blur(self, maps: Tensor) -> Tensor:
         m = self.cfg.maps
         if self.cfg.blur_padding == "torch_reflect":
-            return torch_reflect_blur(maps, m.sigma, m.truncate)
+            # parity: official_code.md §4.7 — anomalib GaussianBlur2d: kornia kernel, torch "reflect" border
+            return gaussian_blur(maps, m.sigma, m.truncate, padding="reflect")
         return gaussian_blur(maps, m.sigma, m.truncate)
 
 

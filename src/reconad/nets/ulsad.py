@@ -120,33 +120,3 @@ def attention(query: Tensor, tokens: Tensor) -> Tensor:
     """``softmax(Q Kᵀ / √C) V`` with keys = values = ``tokens``; (B, N, C) each → (B, N, C). §4.5."""
     scores = query @ tokens.transpose(1, 2) / query.shape[-1] ** 0.5  # (B, N, N)
     return scores.softmax(dim=-1) @ tokens
-
-
-def torch_reflect_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Tensor:
-    """Gaussian blur of (B, 1, H, W) maps with torch/kornia ``reflect`` padding (whole-sample, edge not repeated).
-
-    parity: official_code.md §4.7 — anomalib ``GaussianBlur2d`` (kornia kernel, 33 × 33 at σ 4, border
-    ``reflect``). ``reconad.maps.gaussian_blur`` pads half-sample symmetric (scipy), which this is not; the kernel
-    is the same (``maps.gaussian_kernel1d``). Separable, in the input dtype as kornia.
-    """
-    from ..maps import gaussian_kernel1d
-
-    if sigma <= 0:
-        return maps
-    kernel = gaussian_kernel1d(sigma, truncate, dtype=maps.dtype, device=maps.device)
-    radius = (kernel.numel() - 1) // 2
-    x = maps
-    for dim in (-2, -1):
-        index = _reflect_indices(x.shape[dim], radius, x.device)
-        x = x.index_select(dim, index).unfold(dim, kernel.numel(), 1) @ kernel
-    return x
-
-
-def _reflect_indices(length: int, radius: int, device) -> Tensor:
-    """Source indices of torch's ``reflect`` padding (…, 2, 1, [0, 1, …, n-1], n-2, …), for any radius."""
-    idx = torch.arange(-radius, length + radius, device=device)
-    if length == 1:
-        return torch.zeros_like(idx)
-    period = 2 * (length - 1)
-    idx = torch.remainder(idx, period)
-    return torch.where(idx >= length, period - idx, idx)
