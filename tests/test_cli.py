@@ -148,3 +148,17 @@ def test_per_category_overrides_apply_only_to_their_category(tmp_path):
     assert make_config(str(preset), data={"category": "carpet"}, train={"epochs": 3}).train.epochs == 3
     with pytest.raises(ValueError, match="epohcs"):
         make_config(str(preset), data={"category": "carpet"}, per_category={"carpet": {"train": {"epohcs": 1}}})
+
+
+def test_preset_inheritance_and_dropping_per_category(tmp_path):
+    (tmp_path / "parent.yaml").write_text("method: rd4ad\ntrain: {epochs: 7, seed: 3}\n"
+                                          "per_category: {carpet: {train: {epochs: 1}}}\n")
+    (tmp_path / "child.yaml").write_text(f"base: {tmp_path / 'parent.yaml'}\ntrain: {{seed: 4}}\n")
+    (tmp_path / "plain.yaml").write_text(f"base: {tmp_path / 'parent.yaml'}\nper_category: null\n")
+    child = make_config(str(tmp_path / "child.yaml"), data={"category": "carpet"})
+    assert (child.train.epochs, child.train.seed) == (1, 4)
+    assert parse_fit_args(["--config", str(tmp_path / "child.yaml")]).train.epochs == 7
+    assert make_config(str(tmp_path / "plain.yaml"), data={"category": "carpet"}).train.epochs == 7
+    (tmp_path / "loop.yaml").write_text(f"base: {tmp_path / 'loop.yaml'}\n")
+    with pytest.raises(ValueError, match="cycle"):
+        make_config(str(tmp_path / "loop.yaml"))

@@ -44,11 +44,22 @@ def resolve_preset(name_or_path: str | os.PathLike) -> Path:
     raise UsageError(f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(list_presets())}")
 
 
-def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
+def load_preset(name_or_path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's mapping; ``base: OTHER`` inherits OTHER (this file's sections are merged over it)."""
     path = resolve_preset(name_or_path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise UsageError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    drop_per_category = "per_category" in data and data["per_category"] is None  # `null` drops the base's entries
+    if drop_per_category:
+        del data["per_category"]
+    if base is not None:
+        if str(base) in _seen:
+            raise UsageError(f"presets inherit in a cycle: {' -> '.join([*_seen, str(base)])}")
+        data = deep_merge(load_preset(base, (*_seen, str(base))), data)
+    if drop_per_category:
+        data["per_category"] = {}
     return data
 
 
@@ -108,7 +119,7 @@ def _apply_per_category(data: dict[str, Any], extra: dict[str, Any] | None = Non
     """Preset → its per-category overrides for ``data.category`` → ``extra`` (explicit overrides win)."""
     extra = extra or {}
     data = dict(data)
-    per_category = {**data.pop("per_category", {}), **extra.get("per_category", {})}
+    per_category = {**(data.pop("per_category", None) or {}), **(extra.get("per_category") or {})}
     extra = {k: v for k, v in extra.items() if k != "per_category"}
     category = (extra.get("data") or {}).get("category") or (data.get("data") or {}).get("category")
     return deep_merge(deep_merge(data, _category_overrides(per_category, category)), extra)
@@ -155,12 +166,13 @@ def _method_from_argv(argv: Sequence[str]) -> str:
 
 
 def _expand_preset_args(argv: Sequence[str]) -> list[str]:
+    """``--config NAME`` → the preset's resolved mapping (``base:`` inheritance applied) as inline YAML."""
     out = list(argv)
     for i, arg in enumerate(out):
         if arg == "--config" and i + 1 < len(out):
-            out[i + 1] = str(resolve_preset(out[i + 1]))
+            out[i + 1] = yaml.safe_dump(load_preset(out[i + 1]))
         elif arg.startswith("--config="):
-            out[i] = "--config=" + str(resolve_preset(arg.split("=", 1)[1]))
+            out[i] = "--config=" + yaml.safe_dump(load_preset(arg.split("=", 1)[1]))
     return out
 
 
