@@ -83,4 +83,19 @@ def test_gaussian_blur_torch_reflect_padding_equals_conv2d_with_reflect_pad():
     padded = torch.nn.functional.pad(x, (16, 16, 16, 16), mode="reflect")
     torch.testing.assert_close(maps.gaussian_blur(x, 4.0, padding="reflect"), torch.nn.functional.conv2d(padded, k2))
     with pytest.raises(ValueError, match="padding"):
-        maps.gaussian_blur(x, 4.0, padding="zeros")
+        maps.gaussian_blur(x, 4.0, padding="circular")
+
+
+def test_zero_padded_5x5_blur_equals_torch_conv():
+    # ReContrast multi-class scripts: 5x5 Gaussian (σ 4) conv with zero padding = truncate 0.5, padding "zeros"
+    x = torch.rand(2, 1, 20, 23)
+    kernel = maps.gaussian_kernel1d(4.0, truncate=0.5, dtype=torch.float32)
+    assert kernel.numel() == 5
+    k2 = (kernel[:, None] * kernel[None, :])[None, None]
+    expected = torch.nn.functional.conv2d(x, k2, padding=2)
+    torch.testing.assert_close(maps.gaussian_blur(x, 4.0, truncate=0.5, padding="zeros"), expected)
+    cfg = maps.MapsConfig(sigma=4.0, truncate=0.5, padding="zeros")
+    pairs = [(torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5))]
+    raw = maps.anomaly_map(pairs, (20, 20), maps.MapsConfig(sigma=0))
+    torch.testing.assert_close(maps.anomaly_map(pairs, (20, 20), cfg),
+                               torch.nn.functional.conv2d(raw, k2, padding=2))

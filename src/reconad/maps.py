@@ -26,6 +26,10 @@ class MapsConfig:
     sigma: float = 4.0
     """Gaussian blur sigma in pixels; 0 disables the blur."""
     truncate: float = 4.0
+    """Kernel radius = ``int(truncate·sigma + 0.5)`` (scipy's rule; 4 → 33 taps at σ 4, 0.5 → 5 taps)."""
+    padding: Literal["scipy", "reflect", "zeros"] = "scipy"
+    """Blur border: scipy half-sample symmetric (RD family), torch ``reflect`` (ULSAD), ``zeros`` (ReContrast
+    multi-class)."""
     score: Literal["max", "mean", "topk"] = "max"
     topk: float = 0.01
     """Fraction of the highest pixels averaged by ``score="topk"`` (ReContrast multi-class: 1 %)."""
@@ -82,12 +86,20 @@ def _padding_indices(length: int, radius: int, padding: str, device) -> Tensor:
         period = 2 * (length - 1)
         idx = torch.remainder(idx, period)
         return torch.where(idx >= length, period - idx, idx)
-    raise ValueError(f"padding must be 'scipy' or 'reflect', got {padding!r}")
+    raise ValueError(f"padding must be 'scipy', 'reflect' or 'zeros', got {padding!r}")
+
+
+def _pad_along(x: Tensor, dim: int, radius: int, padding: str) -> Tensor:
+    if padding == "zeros":
+        shape = list(x.shape)
+        shape[dim] = radius
+        zeros = x.new_zeros(shape)
+        return torch.cat([zeros, x, zeros], dim=dim)
+    return x.index_select(dim, _padding_indices(x.shape[dim], radius, padding, x.device))
 
 
 def _blur_along(x: Tensor, kernel: Tensor, dim: int, padding: str) -> Tensor:
-    radius = (kernel.numel() - 1) // 2
-    padded = x.index_select(dim, _padding_indices(x.shape[dim], radius, padding, x.device))
+    padded = _pad_along(x, dim, (kernel.numel() - 1) // 2, padding)
     return padded.unfold(dim, kernel.numel(), 1) @ kernel  # windows (..., K) · kernel (K,)
 
 
@@ -96,7 +108,9 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0, paddi
 
     ``padding="scipy"`` equals ``scipy.ndimage.gaussian_filter(sigma, truncate, mode="reflect")`` and is computed
     in float64 like the RD family's scipy call; ``padding="reflect"`` is torch/kornia whole-sample reflection in
-    the input dtype, as anomalib's ``GaussianBlur2d`` (ULSAD). The result has the input dtype.
+    the input dtype, as anomalib's ``GaussianBlur2d`` (ULSAD); ``padding="zeros"`` is a zero-padded convolution in the
+    input dtype (ReContrast's multi-class scripts: 5×5 kernel, i.e. ``truncate=0.5`` at σ 4). The result has the
+    input dtype.
     """
     if sigma <= 0:
         return maps
@@ -159,4 +173,4 @@ def anomaly_map(
     cfg = cfg or MapsConfig()
     levels = [upsample(cosine_distance_map(t, r), size, cfg.align_corners) for t, r in pairs]
     fused = fuse(levels, cfg.fuse)
-    return gaussian_blur(fused, cfg.sigma, cfg.truncate)
+    return gaussian_blur(fused, cfg.sigma, cfg.truncate, cfg.padding)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,9 @@ QUANTILE_LIMIT = 2**24
 
 
 def _ulsad_maps() -> MapsConfig:
-    # parity: official_code.md §4.7 — bilinear align_corners=False, σ 4, max score
-    return MapsConfig(align_corners=False, fuse="mean", sigma=4.0, truncate=4.0, score="max")
+    # parity: official_code.md §4.7 — bilinear align_corners=False, σ 4, anomalib GaussianBlur2d (kornia kernel,
+    # torch "reflect" border), max score
+    return MapsConfig(align_corners=False, fuse="mean", sigma=4.0, truncate=4.0, padding="reflect", score="max")
 
 
 @dataclass
@@ -60,8 +61,6 @@ class ULSADConfig(MethodConfig):
     quantile_scale: float = 0.1
     branch_weights: tuple[float, float] = (0.5, 0.5)
     """(local, global) weights of the combined map."""
-    blur_padding: Literal["torch_reflect", "scipy_reflect"] = "torch_reflect"
-    """``torch_reflect``: anomalib/kornia blur as the official code; ``scipy_reflect``: ``maps.gaussian_blur``."""
     ae_input_size: int = 256
     """The global AE's encoder needs 256 px (enc6 is an 8×8 valid conv); other inputs are resized to it."""
     norm_eps: float = 1e-11
@@ -231,10 +230,7 @@ class ULSAD(Method):
 
     def _blur(self, maps: Tensor) -> Tensor:
         m = self.cfg.maps
-        if self.cfg.blur_padding == "torch_reflect":
-            # parity: official_code.md §4.7 — anomalib GaussianBlur2d: kornia kernel, torch "reflect" border
-            return gaussian_blur(maps, m.sigma, m.truncate, padding="reflect")
-        return gaussian_blur(maps, m.sigma, m.truncate)
+        return gaussian_blur(maps, m.sigma, m.truncate, m.padding)
 
 
 def attention_loss(t: Tensor, a: Tensor, weight: float) -> Tensor:
