@@ -162,3 +162,11 @@ def test_preset_inheritance_and_dropping_per_category(tmp_path):
     (tmp_path / "loop.yaml").write_text(f"base: {tmp_path / 'loop.yaml'}\n")
     with pytest.raises(ValueError, match="cycle"):
         make_config(str(tmp_path / "loop.yaml"))
+
+
+def test_ulsad_official_parity_preset_is_labelled_test_set_use():
+    cfg = make_config("ulsad_official", data={"category": "bottle"})
+    assert cfg.method == "ulsad" and cfg.data.holdout_fraction == 0.0
+    assert (cfg.eval.calibrate_on, cfg.eval.selection, cfg.eval.selection_metrics) == \
+        ("test_good", "best_test", ["image_auroc"])
+    assert make_config("ulsad").eval.calibrate_on == "holdout"  # the clean default

@@ -100,3 +100,33 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
         atomic_write(target, broken)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_parity_options_calibrate_on_good_test_images_and_select_by_chosen_metric(tiny_mvtec, tmp_path, monkeypatch):
+    from reconad.methods.rd4ad import RD4AD
+
+    seen: list[str] = []
+
+    def record(self, loader):
+        for batch in loader:
+            seen.extend(batch["path"])
+            assert batch["label"].eq(0).all()
+
+    monkeypatch.setattr(RD4AD, "calibrate", record)
+    sections = tiny_run_overrides(tiny_mvtec, iterations=4)
+    sections["eval"] = {"calibrate_on": "test_good", "selection": "best_test", "selection_metrics": ["image_auroc"],
+                        "overlays": 0, "plots": False}
+    cfg = make_config("rd4ad", **sections)
+    fit(cfg, tmp_path / "run")
+    assert sorted(Path(p).parent.name for p in seen) == ["good"] * 3  # the test set's good images, nothing else
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["calibration"]["data"] == "test_good" and "leakage" in saved["calibration"]["label"]
+    assert saved["selection"]["keys"] == ["image_auroc"] and "test-set" in saved["selection"]["label"]
+
+    seen.clear()
+    sections = tiny_run_overrides(tiny_mvtec, iterations=2)
+    sections["data"]["holdout_fraction"] = 0.25
+    sections["eval"] = {"overlays": 0, "plots": False}
+    cfg = make_config("rd4ad", **sections)
+    fit(cfg, tmp_path / "clean")
+    assert len(seen) == 2 and all("/train/good/" in p for p in seen)  # default: held-out training normals only

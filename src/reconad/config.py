@@ -103,8 +103,13 @@ class EvalConfig:
     """Render training-curve PNGs from ``log.jsonl`` into ``run_dir/plots/`` after training (``reconad.plots``)."""
     selection: Literal["last", "best_test"] = "last"
     """``last``: report the final model. ``best_test``: ALSO evaluate on the test set after every epoch and report
-    the epoch with the best (pixel AUROC + image AUROC + per-image AUPRO) / 3 — the official RD++ rule, i.e.
-    test-set model selection (optimistic; for parity runs only). The final-model metrics are kept as well."""
+    the epoch with the best mean of ``selection_metrics`` — the official RD++ / ULSAD rules, i.e. test-set model
+    selection (optimistic; for parity runs only). The final-model metrics are kept as well."""
+    selection_metrics: list[str] = field(default_factory=lambda: ["pixel_auroc", "image_auroc", "aupro_per_image"])
+    """Metrics averaged by ``best_test`` (RD++: these three; ULSAD's official checkpointing: ``[image_auroc]``)."""
+    calibrate_on: Literal["holdout", "test_good"] = "holdout"
+    """Data for ``Method.calibrate``: held-out training normals (``data.holdout_fraction``), or — official ULSAD
+    parity only, test-set leakage — the good images of the test set."""
 
 
 @dataclass

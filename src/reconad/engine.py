@@ -322,8 +322,7 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     if done < total:
         return RunResult(run_dir, {}, jsonl.read())
 
-    if holdout_set is not None:
-        method.calibrate(_loader(holdout_set, cfg.data.eval_batch_size, cfg.data.num_workers))
+    calibration = _calibrate(method, cfg, holdout_set, test_set)
     out = predict_dataset(method, test_set, cfg.data.eval_batch_size, fabric.device, cfg.data.num_workers,
                           fabric.autocast, desc="test")
     metrics = score_outputs(out, cfg, test_set)
@@ -333,9 +332,9 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
         jsonl.write(final)
         selected = {}
         if cfg.eval.selection == "best_test":
-            selected = _select_best_test(jsonl.read(), metrics, done, batches_per_epoch)
+            selected = _select_best_test(jsonl.read(), metrics, done, batches_per_epoch, cfg.eval.selection_metrics)
             jsonl.write({"batch": done, "kind": "selected", **selected})
-        write_json(run_dir / METRICS_FILE, {"metrics": metrics, **selected, "method": cfg.method,
+        write_json(run_dir / METRICS_FILE, {"metrics": metrics, **selected, **calibration, "method": cfg.method,
                                             "category": cfg.data.category, "batches": done,
                                             "n_train": len(train_set), "n_test": len(test_set)})
         write_test_results(out, run_dir, cfg.eval.pixel_metrics and getattr(test_set, "has_masks", True))
@@ -347,25 +346,36 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     return RunResult(run_dir, metrics, jsonl.read())
 
 
-SELECTION_KEYS = ("pixel_auroc", "image_auroc", "aupro_per_image")
+def _calibrate(method: Method, cfg: RunConfig, holdout_set: Dataset | None, test_set: Dataset) -> dict[str, Any]:
+    """Run ``method.calibrate`` on held-out normals, or (parity only) on the test set's good images."""
+    if cfg.eval.calibrate_on == "test_good":
+        labels = getattr(test_set, "labels", None) or [test_set[i]["label"] for i in range(len(test_set))]
+        good = torch.utils.data.Subset(test_set, [i for i, label in enumerate(labels) if label == 0])
+        method.calibrate(_loader(good, cfg.data.eval_batch_size, cfg.data.num_workers))
+        return {"calibration": {"data": "test_good", "images": len(good),
+                                "label": "calibrated on good TEST images (official parity; test-set leakage)"}}
+    if holdout_set is not None:
+        method.calibrate(_loader(holdout_set, cfg.data.eval_batch_size, cfg.data.num_workers))
+        return {"calibration": {"data": "holdout", "images": len(holdout_set)}}
+    return {}
 
 
-def _select_best_test(history: list[dict[str, Any]], final: dict[str, float], done: int,
-                      batches_per_epoch: int) -> dict[str, Any]:
-    """The official RD++ rule: the epoch-end evaluation (or the final model) with the best mean of pixel AUROC,
-    image AUROC and per-image AUPRO on the TEST set; the first best wins, as the official strict ``>``."""
+def _select_best_test(history: list[dict[str, Any]], final: dict[str, float], done: int, batches_per_epoch: int,
+                      keys: Sequence[str] = ("pixel_auroc", "image_auroc", "aupro_per_image")) -> dict[str, Any]:
+    """The official RD++ / ULSAD rule: the epoch-end evaluation (or the final model) with the best mean of ``keys``
+    on the TEST set; the first best wins, as the official strict ``>``."""
     candidates = [e for e in history if e.get("kind") == "eval" and e.get("epoch_end")]
     candidates.append({"batch": done, "epoch": (done - 1) // batches_per_epoch, **final})
     best, best_score = candidates[-1], -math.inf
     for entry in candidates:
-        values = [entry[k] for k in SELECTION_KEYS if k in entry]
+        values = [entry[k] for k in keys if k in entry]
         score = float(np.mean(values)) if values else -math.inf
         if score > best_score:
             best, best_score = entry, score
     metrics = {k: v for k, v in best.items() if k not in ("batch", "epoch", "kind", "epoch_end")}
     return {"selected_metrics": metrics, "selection": {
-        "rule": "best_test", "label": "test-set model selection (official RD++ rule; optimistic, parity only)",
-        "batch": best["batch"], "epoch": best["epoch"], "score": best_score, "keys": list(SELECTION_KEYS)}}
+        "rule": "best_test", "label": "test-set model selection (official rule; optimistic, parity only)",
+        "batch": best["batch"], "epoch": best["epoch"], "score": best_score, "keys": list(keys)}}
 
 
 def _restore(run_dir: Path, method: Method, optimizer, scheduler) -> int:
