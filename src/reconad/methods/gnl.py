@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from ..data.augmix import OP_LISTS, augmix_view, gray_view
-from ..official import OfficialLayout
 from ..registry import register_method
 from .rd4ad import LOSSES, RD4AD, RD4ADConfig
 
@@ -94,11 +93,7 @@ class GNL(RD4AD):
 
     name = "gnl"
     Config = GNLConfig
-    official_layout = OfficialLayout(
-        renames=(("encoder.", "backbone."), ("bn.", "bottleneck."), ("decoder.", "decoder.")),
-        # parity: official_code.md §5 — the RD4AD network: layer4/fc unused, conv4/bn4 never called
-        unused=("encoder.layer4.", "encoder.fc.", "bn.conv4.", "bn.bn4."),
-    )
+    # official_layout is RD4AD's (inherited): parity: official_code.md §5 — the network is RD4AD unchanged
 
     def __init__(self, cfg: GNLConfig, backbone: nn.Module):
         super().__init__(cfg, backbone)
