@@ -36,10 +36,10 @@ import numpy as np
 import scipy
 import sklearn
 from scipy import ndimage
-from skimage import measure
-from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
+from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from reconad import metrics as M
+from reconad.metrics_reference import official_per_image_aupro as reference_aupro_per_image
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics_speed.json"
 
@@ -136,34 +136,6 @@ def reference_aupro_loop(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3
         tp = np.bincount(region[anomalous >= t], minlength=n_regions + 1)[1:]
         pros.append(float(np.mean(tp / areas)))
     return trapezoid_to(np.array(fprs), np.array(pros), limit) / limit
-
-
-def official_compute_pro(masks: np.ndarray, amaps: np.ndarray, num_th: int = 200) -> float:
-    """RD4AD's compute_pro, line by line (np.bool and DataFrame.append replaced by their equivalents)."""
-    assert set(masks.flatten()) == {0, 1}
-    rows = []
-    binary_amaps = np.zeros_like(amaps, dtype=bool)
-    min_th, max_th = amaps.min(), amaps.max()
-    delta = (max_th - min_th) / num_th
-    for th in np.arange(min_th, max_th, delta):
-        binary_amaps[amaps <= th] = 0
-        binary_amaps[amaps > th] = 1
-        pros = []
-        for binary_amap, mask in zip(binary_amaps, masks, strict=True):
-            for region in measure.regionprops(measure.label(mask)):
-                tp_pixels = binary_amap[region.coords[:, 0], region.coords[:, 1]].sum()
-                pros.append(tp_pixels / region.area)
-        inverse_masks = 1 - masks
-        fp_pixels = np.logical_and(inverse_masks, binary_amaps).sum()
-        rows.append((statistics.mean(pros), fp_pixels / inverse_masks.sum()))
-    pro, fpr = np.array(rows).T
-    keep = fpr < 0.3
-    return auc(fpr[keep] / fpr[keep].max(), pro[keep])
-
-
-def reference_aupro_per_image(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean([official_compute_pro(masks[i][None].astype(int), maps[i][None])
-                          for i in np.flatnonzero(labels)]))
 
 
 def reference_spro(maps: np.ndarray, regions: list, limit: float = 0.3) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import statistics
 import subprocess
 import sys
 
@@ -15,9 +14,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 from skimage import measure
-from sklearn.metrics import accuracy_score, auc, f1_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_curve, roc_auc_score
 
 from reconad import metrics as M
+from reconad.metrics_reference import official_compute_pro
+from reconad.metrics_reference import official_per_image_aupro as official_per_image
 
 FEW = settings(max_examples=25, deadline=None)
 
@@ -97,41 +98,6 @@ def ref_overlap_auc(maps, regions, saturations, normal, limit, thresholds=None):
 def ref_aupro(maps, masks, limit=0.3, connectivity=8, thresholds=None):
     regions = regions_of(masks, connectivity)
     return ref_overlap_auc(maps, regions, [r.sum() for _, r in regions], ~masks, limit, thresholds)
-
-
-def official_compute_pro(masks, amaps, num_th=200):
-    """RD4AD's compute_pro, line by line; np.bool and DataFrame.append replaced by their equivalents."""
-    assert set(masks.flatten()) == {0, 1}, "set(masks.flatten()) must be {0, 1}"
-    rows = []
-    binary_amaps = np.zeros_like(amaps, dtype=bool)
-    min_th = amaps.min()
-    max_th = amaps.max()
-    delta = (max_th - min_th) / num_th
-    for th in np.arange(min_th, max_th, delta):
-        binary_amaps[amaps <= th] = 0
-        binary_amaps[amaps > th] = 1
-        pros = []
-        for binary_amap, mask in zip(binary_amaps, masks, strict=True):
-            for region in measure.regionprops(measure.label(mask)):
-                axes0_ids = region.coords[:, 0]
-                axes1_ids = region.coords[:, 1]
-                tp_pixels = binary_amap[axes0_ids, axes1_ids].sum()
-                pros.append(tp_pixels / region.area)
-        inverse_masks = 1 - masks
-        fp_pixels = np.logical_and(inverse_masks, binary_amaps).sum()
-        fpr = fp_pixels / inverse_masks.sum()
-        rows.append((statistics.mean(pros), fpr))
-    pro = np.array([r[0] for r in rows])
-    fpr = np.array([r[1] for r in rows])
-    keep = fpr < 0.3
-    with np.errstate(invalid="ignore"):
-        fpr = fpr[keep] / fpr[keep].max() if keep.any() else fpr[keep]
-    return auc(fpr, pro[keep])
-
-
-def official_per_image(maps, masks, labels):
-    return float(np.mean([official_compute_pro(masks[i][None].astype(int), maps[i][None])
-                          for i in np.flatnonzero(labels)]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def predict_dataset(method: Method, dataset: Dataset, batch_size: int, device: t
     loader = _loader(dataset, batch_size, num_workers)
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         images = batch["image"].to(device)
-        with autocast() if autocast else _nullcontext():
+        with autocast() if autocast else nullcontext():
             pred = method(images)
         maps.append(pred.anomaly_map.float().squeeze(1).cpu().numpy())
         scores.append(pred.score.float().cpu().numpy())
@@ -184,14 +185,6 @@ def predict_dataset(method: Method, dataset: Dataset, batch_size: int, device: t
     method.train(was_training)
     return EvalOutputs(np.concatenate(maps), np.concatenate(scores), np.concatenate(labels),
                        np.concatenate(masks), paths, defects)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def score_outputs(out: EvalOutputs, cfg: RunConfig, dataset: Dataset | None = None) -> dict[str, float]:
