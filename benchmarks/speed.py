@@ -1,33 +1,75 @@
-"""Training-step time and inference throughput per method and backbone; prints a table and writes JSON.
+"""Speed of every method, ours vs an official-style reference built from the same modules; prints a table and
+writes JSON (benchmarks/results/speed_*.json). Never run by the tests.
 
-    python benchmarks/speed.py                       # CPU: RD4AD on WRN50-2 and EfficientNet-Lite0, 256 px
-    python benchmarks/speed.py --device cuda --precision bf16-mixed
+    python benchmarks/speed.py --threads 1                # CPU, all methods, EfficientNet-Lite0 128 px
+    python benchmarks/speed.py --cases rd4ad:wide_resnet50_2:256 --threads 1
+    python benchmarks/speed.py --device cuda --workers 8 --switches fold_bn channels_last bf16-mixed compile
+    python benchmarks/speed.py --profile                                    # where the time goes (torch.profiler)
+    python benchmarks/speed.py --hires 512 1024                             # rd4ad WRN50-2 inference memory
 
-Weights are random (speed does not depend on their values). Each figure is the median of ``--repeats``
-timed runs after ``--warmup`` untimed ones; torch's thread count is set explicitly and checked after imports.
+Per case (``method:backbone:size``, random weights: speed does not depend on their values):
+
+* train images/s end to end: PNG decoding, the method's per-image training views in a DataLoader (pinned memory and
+  ``non_blocking`` copies on CUDA), the step; train step alone; eval images/s at batch 1 and 8;
+* peak RSS of the process (VmHWM, reset per measurement) and peak CUDA memory on GPU;
+* the same for the **reference**: the same modules computed the way the official code computes them
+  (:func:`official_style`): out-of-place activations where the official networks have them (RD++'s projector,
+  ULSAD's FRN and AE; the official RD decoder and torchvision encoders are in place, as ours), the encoder's unused
+  last stage run and the frozen encoder's gradients computed (RD4AD, RD++, GNL), views made image by image, and at
+  evaluation the RD family's test loop: one image per forward, the map made on the CPU in float64 with
+  ``scipy.ndimage.gaussian_filter`` (ULSAD's official anomalib evaluation is batched, its map on the device). ULSAD's
+  reference keeps the preset width ``feature_dim: 384`` whatever the backbone;
+* max |Δ| of ours vs the reference's maps (the same weights), and each fast switch (``--switches``) with its speed
+  and max |Δ| against our float32 maps;
+* MACs per image (hook counter over Conv2d / ConvTranspose2d / Linear) and the achieved fraction of the device's
+  MAC bound, the bound being a measured large matmul at the same threads and dtype.
+
+Ours and the reference alternate in every repeat; figures are medians. Torch's thread count is set explicitly and
+re-checked after imports (numba, cv2 and OpenMP runtimes can change it). Compare ratios from one run only.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import io
 import json
 import platform
+import resource
 import statistics
+import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from reconad.acceleration import apply_inference_speedups
 from reconad.backbones import create_backbone
 from reconad.config import OptimConfig
-from reconad.nets.rd import count_parameters
+from reconad.methods.base import Method
+from reconad.nets import ulsad as ulsad_nets
 from reconad.registry import create_method, get_method_class
 
-DEFAULT_CASES = ["rd4ad:wide_resnet50_2", "rd4ad:efficientnet_lite0", "recontrast:wide_resnet50_2",
-                 "recontrast:efficientnet_lite0", "rdpp:wide_resnet50_2", "rdpp:efficientnet_lite0",
-                 "ssl_ae:resnet18", "ulsad:wide_resnet50_2",  # ssl_ae reads pixels: its backbone is a placeholder
-                 "gnl:wide_resnet50_2"]
+DEFAULT_CASES = [f"{m}:efficientnet_lite0:128" for m in ("rd4ad", "recontrast", "rdpp", "gnl", "ulsad")] + [
+    "ssl_ae:resnet18:128"]
+WRN_CASES = [f"{m}:wide_resnet50_2:256" for m in ("rd4ad", "recontrast", "rdpp", "gnl", "ulsad")]
+RD_FAMILY = ("rd4ad", "recontrast", "rdpp", "gnl")
+ENCODER_WASTE = ("rd4ad", "rdpp", "gnl")
+"""Official code runs the frozen encoder's last stage and computes its gradients (official_code.md §1.2)."""
+
+
+# -- threads, timing, memory ----------------------------------------------------------------------------------------
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    if torch.get_num_threads() != n:
+        raise RuntimeError(f"torch runs {torch.get_num_threads()} threads, asked for {n}")
 
 
 def sync(device: torch.device) -> None:
@@ -35,17 +77,239 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+def seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median seconds of each function, run in alternating order (ABAB…, then BABA…) after a warm-up."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(seconds(fns[name], device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float | None]:
+    try:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM"))
+        rss = int(line.split()[1]) / 2**20  # kB → GiB
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"peak_rss_gib": rss, "peak_cuda_gib": cuda}
+
+
+def measured(fn: Callable[[], Any], device: torch.device) -> dict[str, float | None]:
+    reset_peak_memory(device)
+    fn()
+    sync(device)
+    return peak_memory(device)
+
+
+# -- MACs and the device's bound -----------------------------------------------------------------------------------
+def count_macs(module: nn.Module, images: Tensor) -> int:
+    """Multiply-accumulates of one forward, counted by hooks on Conv2d, ConvTranspose2d and Linear."""
+    total = 0
+
+    def hook(m: nn.Module, inputs: tuple, out: Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.ConvTranspose2d):
+            x = inputs[0]
+            total += x.numel() * m.out_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Conv2d):
+            total += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total += out.numel() * m.in_features
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    try:
+        with torch.inference_mode():
+            module(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def matmul_macs_per_s(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """The MAC bound: multiply-accumulates per second of a large square matmul at this thread count and dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if device.type == "cuda" else 2
+    s = min(seconds(lambda: [a @ b for _ in range(reps)], device) for _ in range(3))
+    return reps * n ** 3 / s
+
+
+# -- data: decoded PNGs and per-image views, as the engine's loader --------------------------------------------------
+class PngImages(torch.utils.data.Dataset):
+    """Random RGB images stored as PNG bytes; each item is decoded, scaled to [0, 1] and given its views."""
+
+    def __init__(self, n: int, size: int, method: Method, seed: int = 0):
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        self.files = []
+        for _ in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+            self.files.append(buf.getvalue())
+        self.method = method
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        from PIL import Image
+
+        np.random.seed(i)  # the engine seeds numpy per sample the same way (views draw from it)
+        array = np.asarray(Image.open(io.BytesIO(self.files[i])).convert("RGB"), dtype=np.float32) / 255.0
+        image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return {"image": image, **self.method.train_views(image)}
+
+
+def loader_for(method: Method, args, device: torch.device) -> torch.utils.data.DataLoader:
+    data = PngImages(args.train_batch * args.e2e_batches, args.size_of_case, method)
+    return torch.utils.data.DataLoader(data, batch_size=args.train_batch, num_workers=args.workers,
+                                       pin_memory=device.type == "cuda", drop_last=True,
+                                       persistent_workers=args.workers > 0)
+
+
+# -- the official-style reference ------------------------------------------------------------------------------------
+def _relu_out_of_place(x: Tensor, inplace: bool = False) -> Tensor:
+    return torch.relu(x)
+
+
+@contextmanager
+def official_style(method: Method) -> Iterator[None]:
+    """Compute ``method`` as the official code does (same weights, same values): see the module docstring."""
+    saved = [(ulsad_nets, "F", ulsad_nets.F)]
+    # official RD decoders (de_resnet) and torchvision encoders are in place already; RD++'s projector and ULSAD's
+    # networks are not
+    inplace = [m for m in method.modules() if isinstance(m, nn.LeakyReLU) and m.inplace]
+    cfg_maps = getattr(method.cfg, "maps", None)
+    blur64 = cfg_maps.blur_float64 if cfg_maps is not None else None
+    encoder = method.backbone
+    try:
+        ulsad_nets.F = SimpleNamespace(**{**vars(F), "relu": _relu_out_of_place})
+        for m in inplace:
+            m.inplace = False
+        if cfg_maps is not None:
+            cfg_maps.blur_float64 = True
+        if method.name in ENCODER_WASTE:
+            method.backbone = full_encoder(encoder)
+        yield
+    finally:
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
+        for m in inplace:
+            m.inplace = True
+        if cfg_maps is not None:
+            cfg_maps.blur_float64 = blur64
+        method.backbone = encoder
+
+
+_FULL_ENCODERS: dict[int, nn.Module] = {}
+
+
+def full_encoder(encoder: nn.Module) -> nn.Module:
+    """The encoder with every stage run and gradients computed for its (unused) parameters, as the official
+    RD4AD/RD++/GNL code: the same weights, returning the same taps (built once per encoder)."""
+    if id(encoder) not in _FULL_ENCODERS:
+        _FULL_ENCODERS[id(encoder)] = _build_full_encoder(encoder)
+    return _FULL_ENCODERS[id(encoder)]
+
+
+def _build_full_encoder(encoder: nn.Module) -> nn.Module:
+    full = create_backbone(encoder.name, taps=(*encoder.taps, encoder_last_stage(encoder)), weights=None)
+    full.load_state_dict(encoder.state_dict(), strict=False)
+    full.unfreeze(bn_train=False)  # official: encoder.eval(), but no torch.no_grad() around it
+    full.taps = tuple(encoder.taps)
+    full.feature_info = encoder.feature_info
+    return full.to(next(encoder.parameters()).device)
+
+
+def encoder_last_stage(encoder: nn.Module) -> str:
+    from reconad.backbones import _all_stages
+
+    return _all_stages(encoder.name)[-1]
+
+
+def official_rd_maps(pairs: list[tuple[Tensor, Tensor]], size: tuple[int, int]) -> np.ndarray:
+    """RD4AD's ``cal_anomaly_map`` + ``gaussian_filter(σ 4)``, image by image on the CPU in float64."""
+    from scipy.ndimage import gaussian_filter
+
+    out = []
+    for i in range(pairs[0][0].shape[0]):
+        anomaly_map = np.zeros(size)
+        for fs, ft in pairs:
+            a_map = 1 - F.cosine_similarity(fs[i:i + 1], ft[i:i + 1])
+            a_map = F.interpolate(a_map.unsqueeze(1), size=size, mode="bilinear", align_corners=True)
+            anomaly_map += a_map[0, 0].cpu().numpy()
+        out.append(gaussian_filter(anomaly_map, sigma=4))
+    return np.stack(out)[:, None]
+
+
+def reference_eval(method: Method, images: Tensor) -> np.ndarray:
+    """Official-style maps: the RD family's test loops take one image per batch (``cal_anomaly_map`` reads sample 0
+    only), so images go through one at a time; ULSAD's anomalib evaluation is batched on the device."""
+    with torch.no_grad(), official_style(method):
+        if method.name in RD_FAMILY:
+            size = tuple(images.shape[-2:])
+            return np.concatenate([official_rd_maps(method.pairs(images[i:i + 1]), size) for i in range(len(images))])
+        return method(images).anomaly_map.cpu().numpy()
+
+
+def ours_eval(method: Method, images: Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return method(images).anomaly_map.float().cpu().numpy()
+
+
+# -- one case --------------------------------------------------------------------------------------------------------
+def build(method_name: str, backbone_name: str, device: torch.device, **model: Any) -> Method:
+    cls = get_method_class(method_name)
+    torch.manual_seed(0)
+    backbone = create_backbone(backbone_name, weights=None, trainable=cls.trainable_backbone)
+    return create_method(method_name, backbone=backbone, **model).to(device)
+
+
+def fit_statistics(method: Method, images: Tensor) -> None:
+    batch = {"image": images, "path": [f"bench{i}" for i in range(len(images))]}
+    method.prepare([batch])
+    method.calibrate([batch])
+
+
+def train_step_fn(method: Method, optimizer, batch_fn: Callable[[], dict], device: torch.device,
+                  precision: str) -> Callable[[], float]:
+    def step() -> float:
+        method.train()
+        batch = batch_fn()
+        with autocast(device, precision):
+            loss = method.loss(batch, 0.5)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
 
 
 def autocast(device: torch.device, precision: str):
@@ -56,98 +320,265 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def bench_case(method_name: str, backbone_name: str, args, device: torch.device) -> dict:
-    cls = get_method_class(method_name)
-    torch.manual_seed(0)
-    backbone = create_backbone(backbone_name, weights=None, trainable=cls.trainable_backbone)
-    method = create_method(method_name, backbone=backbone).to(device)
-    optimizer = torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4)
-    train_images = torch.rand(args.train_batch, 3, args.size, args.size, device=device)
-    test_images = torch.rand(args.test_batch, 3, args.size, args.size, device=device)
-    batch = method.training_batch(train_images)
-    # fitted statistics (ULSAD feature stats, GNL's reference) from one batch, so inference runs as in a real run
-    fit_batch = {"image": train_images.cpu(), "path": [f"bench{i}" for i in range(len(train_images))]}
-    method.prepare([fit_batch])
-    method.calibrate([fit_batch])
-
-    def train_step():
+def e2e_fn(method: Method, optimizer, loader, device: torch.device, precision: str) -> Callable[[], None]:
+    def run() -> None:
         method.train()
-        with autocast(device, args.precision):
-            loss = method.loss(batch, 0.5)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast(device, precision):
+                loss = method.loss(batch, 0.5)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
-    def infer():
-        method.eval()
-        with autocast(device, args.precision):
-            method(test_images)
+    return run
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    train_times = timed(train_step, device, args.warmup, args.repeats)
-    train_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    infer_times = timed(infer, device, args.warmup, args.repeats)
-    infer_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    step = statistics.median(train_times)
-    infer_s = statistics.median(infer_times)
-    return {
-        "method": method_name, "backbone": backbone_name, "size": args.size, "device": str(device),
-        "precision": args.precision, "train_batch": args.train_batch, "test_batch": args.test_batch,
-        "trainable_params_M": count_parameters(method, trainable_only=True) / 1e6,
-        "train_step_s": step, "train_step_s_all": train_times, "train_images_per_s": args.train_batch / step,
-        "infer_batch_s": infer_s, "infer_batch_s_all": infer_times, "infer_images_per_s": args.test_batch / infer_s,
-        "train_peak_gib": train_mem, "infer_peak_gib": infer_mem,
+
+def bench_case(case: str, args, device: torch.device) -> dict:
+    method_name, backbone_name, size = case.split(":")
+    size = int(size)
+    args.size_of_case = size
+    ours = build(method_name, backbone_name, device)
+    reference_model: dict[str, Any] = {"feature_dim": 384} if method_name == "ulsad" else {}
+    ref = build(method_name, backbone_name, device, **reference_model) if reference_model else copy.deepcopy(ours)
+    g = torch.Generator().manual_seed(1)
+    train_images = torch.rand(args.train_batch, 3, size, size, generator=g).to(device)
+    fit_statistics(ours, train_images)
+    fit_statistics(ref, train_images)
+    opt = {k: torch.optim.Adam(m.param_groups(OptimConfig()), lr=1e-4) for k, m in (("ours", ours), ("ref", ref))}
+    row: dict[str, Any] = {"method": method_name, "backbone": backbone_name, "size": size, "device": str(device),
+                           "precision": args.precision, "train_batch": args.train_batch,
+                           "reference_feature_dim": reference_model.get("feature_dim")}
+    if method_name == "ulsad":
+        row["feature_dim"] = ours.feature_dim
+
+    def ref_batch() -> dict:
+        return Method.training_batch(ref, train_images)  # views image by image, on the CPU
+
+    steps = {
+        "ours": train_step_fn(ours, opt["ours"], lambda: ours.training_batch(train_images), device, args.precision),
+        "ref": wrap_official(ref, train_step_fn(ref, opt["ref"], ref_batch, device, args.precision)),
     }
+    t = alternate(steps, device, args.warmup, args.repeats)
+    row.update(train_step_s=t["ours"], ref_train_step_s=t["ref"])
+    row["train_memory"] = measured(steps["ours"], device)
+    row["ref_train_memory"] = measured(steps["ref"], device)
+
+    if args.e2e_batches:
+        loaders = {k: loader_for(m, args, device) for k, m in (("ours", ours), ("ref", ref))}
+        e2e = {"ours": e2e_fn(ours, opt["ours"], loaders["ours"], device, args.precision),
+               "ref": wrap_official(ref, e2e_fn(ref, opt["ref"], loaders["ref"], device, args.precision))}
+        t = alternate(e2e, device, 0, 2)  # one pass in each order
+        n = args.train_batch * args.e2e_batches
+        row.update(train_e2e_images_per_s=n / t["ours"], ref_train_e2e_images_per_s=n / t["ref"])
+
+    ours.eval()
+    ref.eval()
+    if not reference_model:  # training diverged (different batches and step counts): compare maps at equal weights
+        ref.load_state_dict(ours.state_dict())
+    for batch in args.eval_batches:
+        images = torch.rand(batch, 3, size, size, generator=g).to(device)
+        fns = {"ours": lambda x=images: ours_eval(ours, x), "ref": lambda x=images: reference_eval(ref, x)}
+        t = alternate(fns, device, args.warmup, args.repeats)
+        row[f"eval_b{batch}_images_per_s"] = batch / t["ours"]
+        row[f"ref_eval_b{batch}_images_per_s"] = batch / t["ref"]
+        row[f"eval_b{batch}_memory"] = measured(fns["ours"], device)
+        row[f"ref_eval_b{batch}_memory"] = measured(fns["ref"], device)
+        if not reference_model:  # same weights: the maps must agree
+            row[f"eval_b{batch}_max_abs_delta_vs_ref"] = float(np.abs(fns["ours"]() - fns["ref"]()).max())
+
+    one = torch.rand(1, 3, size, size, generator=g).to(device)
+    macs = count_macs(ours, one)
+    bound = matmul_macs_per_s(device, torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32)
+    best = max(args.eval_batches)
+    row.update(gmac_per_image=macs / 1e9, device_gmac_per_s=bound / 1e9,
+               eval_mac_bound_fraction=macs * row[f"eval_b{best}_images_per_s"] / bound,
+               eval_mac_bound_batch=best)
+    row["switches"] = bench_switches(ours, method_name, backbone_name, size, args, device, g)
+    return row
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| method | backbone | device | precision | train step (s) @bs | train img/s | infer img/s @bs "
-            "| peak GiB train/infer |\n|---|---|---|---|---|---|---|---|")
-    lines = [head]
+def wrap_official(method: Method, fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with official_style(method):
+            return fn()
+
+    return run
+
+
+def bench_switches(ours: Method, method_name: str, backbone_name: str, size: int, args, device: torch.device,
+                   g: torch.Generator) -> list[dict]:
+    """Each fast switch alone on a copy of ``ours``: eval images/s at the largest batch and max |Δ| of the maps."""
+    batch = max(args.eval_batches)
+    images = torch.rand(batch, 3, size, size, generator=g).to(device)
+    baseline = ours_eval(ours, images)
+    rows = []
+    for switch in args.switches:
+        fast = copy.deepcopy(ours)
+        cfg = SimpleNamespace(fold_bn=switch == "fold_bn", channels_last=switch == "channels_last",
+                              precision=switch if switch in ("bf16-mixed", "16-mixed") else "32-true",
+                              compile=switch == "compile")
+        apply_inference_speedups(fast, cfg)
+        fns = {"fp32": lambda: ours_eval(ours, images), switch: lambda f=fast: ours_eval(f, images)}
+        t = alternate(fns, device, args.warmup + (2 if switch == "compile" else 0), args.repeats)
+        delta = float(np.abs(ours_eval(fast, images) - baseline).max())
+        rows.append({"switch": switch, "eval_batch": batch, "images_per_s": batch / t[switch],
+                     "fp32_images_per_s": batch / t["fp32"], "speedup": t["fp32"] / t[switch],
+                     "max_abs_delta_vs_fp32": delta, "map_max": float(np.abs(baseline).max())})
+    return rows
+
+
+# -- profile ---------------------------------------------------------------------------------------------------------
+def profile_case(case: str, args, device: torch.device) -> dict:
+    """torch.profiler over one train step (with its views) and one eval batch: the top operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    method_name, backbone_name, size = case.split(":")
+    size = int(size)
+    method = build(method_name, backbone_name, device)
+    images = torch.rand(args.train_batch, 3, size, size).to(device)
+    fit_statistics(method, images)
+    optimizer = torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4)
+    step = train_step_fn(method, optimizer, lambda: method.training_batch(images), device, args.precision)
+    eval_images = torch.rand(max(args.eval_batches), 3, size, size).to(device)
+    out: dict[str, Any] = {"case": case}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for phase, fn in (("train_step", step), ("eval", lambda: ours_eval(method, eval_images))):
+        fn()
+        wall = seconds(fn, device)
+        with profile(activities=activities) as prof:
+            fn()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        out[phase] = {"wall_s": wall, "top": [{"op": e.key, "self_share": e.self_cpu_time_total / total,
+                                               "calls": e.count} for e in events[:args.profile_top]]}
+    return out
+
+
+def hires_memory(sizes: list[int], device: torch.device, chunk: int) -> list[dict]:
+    """rd4ad WRN50-2 inference at high resolution: peak RSS per image size, batch chunked to ``chunk`` images."""
+    method = build("rd4ad", "wide_resnet50_2", device).eval()
+    rows = []
+    for size in sizes:
+        images = torch.rand(chunk, 3, size, size)
+
+        def run(images: Tensor = images) -> None:
+            with torch.inference_mode():
+                for i in range(0, len(images), chunk):
+                    method(images[i:i + chunk].to(device))
+
+        before = peak_memory(device)["peak_rss_gib"]
+        mem = measured(run, device)
+        t = seconds(run, device)
+        rows.append({"size": size, "chunk": chunk, "seconds_per_image": t / chunk, "rss_before_gib": before,
+                     "peak_rss_gib": mem["peak_rss_gib"], "peak_cuda_gib": mem["peak_cuda_gib"]})
+    return rows
+
+
+# -- output ----------------------------------------------------------------------------------------------------------
+NO_OFFICIAL_CODE = ("ssl_ae",)
+"""Methods without official code: their "reference" is ours again, so no ratio is printed."""
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "–"
+
+
+def table(rows: list[dict], eval_batches: list[int]) -> str:
+    head = ["method", "backbone", "px", "train e2e img/s (×ref)", "train step s (ref/ours)"]
+    head += [f"eval b{b} img/s (×ref)" for b in eval_batches]
+    head += ["max |Δ| vs ref", "peak RSS GiB train/eval (ref)", "GMAC/img", "MAC-bound"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        mem = (f"{r['train_peak_gib']:.1f} / {r['infer_peak_gib']:.1f}" if r["train_peak_gib"] is not None
-               else "–")
-        lines.append(f"| {r['method']} | {r['backbone']} | {r['device']} | {r['precision']} "
-                     f"| {r['train_step_s']:.3f} @{r['train_batch']} | {r['train_images_per_s']:.2f} "
-                     f"| {r['infer_images_per_s']:.2f} @{r['test_batch']} | {mem} |")
+        if r["method"] in NO_OFFICIAL_CODE:
+            r = {k: v for k, v in r.items() if not k.startswith("ref_") or k.endswith("_memory")}
+        e2e = r.get("train_e2e_images_per_s")
+        cells = [r["method"], r["backbone"], str(r["size"]),
+                 f"{e2e:.2f} ({ratio(e2e, r.get('ref_train_e2e_images_per_s'))})" if e2e else "–",
+                 f"{r['train_step_s']:.3f} ({ratio(r.get('ref_train_step_s'), r['train_step_s'])})"]
+        for b in eval_batches:
+            v = r[f"eval_b{b}_images_per_s"]
+            cells.append(f"{v:.2f} ({ratio(v, r.get(f'ref_eval_b{b}_images_per_s'))})")
+        deltas = [r[k] for k in r if k.endswith("_max_abs_delta_vs_ref")]
+        if r["method"] in NO_OFFICIAL_CODE:
+            cells.append("no official code")
+        else:
+            cells.append(f"{max(deltas):.1e}" if deltas else f"n/a (width {r.get('feature_dim')} vs 384)")
+        b = max(eval_batches)
+        cells.append(f"{r['train_memory']['peak_rss_gib']:.2f}/{r[f'eval_b{b}_memory']['peak_rss_gib']:.2f} "
+                     f"({r['ref_train_memory']['peak_rss_gib']:.2f}/{r[f'ref_eval_b{b}_memory']['peak_rss_gib']:.2f})")
+        cells += [f"{r['gmac_per_image']:.2f}", f"{r['eval_mac_bound_fraction']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def switch_table(rows: list[dict]) -> str:
+    lines = ["| method | backbone | switch | eval img/s | ×fp32 | max abs Δ maps (map max) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        for s in r["switches"]:
+            lines.append(f"| {r['method']} | {r['backbone']} | {s['switch']} | {s['images_per_s']:.2f} "
+                         f"| {s['speedup']:.2f} | {s['max_abs_delta_vs_fp32']:.1e} ({s['map_max']:.2f}) |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="method:backbone pairs")
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="method:backbone:size; 'wrn' = WRN50-2 set")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--train-batch", type=int, default=16)
-    parser.add_argument("--test-batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--eval-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--e2e-batches", type=int, default=2, help="batches per end-to-end pass (0: skip)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the end-to-end pass")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    parser.add_argument("--switches", nargs="*", default=["fold_bn", "channels_last", "bf16-mixed"],
+                        choices=["fold_bn", "channels_last", "bf16-mixed", "16-mixed", "compile"])
+    parser.add_argument("--profile", action="store_true", help="print where the time goes instead of timing")
+    parser.add_argument("--profile-top", type=int, default=8)
+    parser.add_argument("--hires", type=int, nargs="*", default=[], help="rd4ad WRN50-2 inference memory sizes")
+    parser.add_argument("--hires-chunk", type=int, default=1)
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/speed_<kind>_<device>.json)")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
-    rows = []
-    for case in args.cases:
-        method_name, backbone_name = case.split(":")
-        torch.set_num_threads(args.threads)  # imports (numba, cv2) can reset it
-        assert torch.get_num_threads() == args.threads, torch.get_num_threads()
-        rows.append(bench_case(method_name, backbone_name, args, device))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print()
-    print(table(rows))
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-           "processor": platform.processor(), "cuda": torch.cuda.get_device_name(device) if device.type == "cuda"
-           else None}
-    out = Path(args.out)
+    cases = [c for case in args.cases for c in (WRN_CASES if case == "wrn" else [case])]
+    env = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
+           "python": sys.version.split()[0], "cuda": torch.cuda.get_device_name(device) if device.type == "cuda"
+           else None, "argv": sys.argv[1:]}
+    kind = "profile" if args.profile else ("hires" if args.hires else "methods")
+    out = Path(args.out or f"benchmarks/results/speed_{kind}_{device.type}.json")
+    result: dict[str, Any] = {"env": env}
+    if args.hires:
+        result["hires"] = hires_memory(args.hires, device, args.hires_chunk)
+        for r in result["hires"]:
+            print(f"rd4ad WRN50-2 {r['size']} px: peak RSS {r['peak_rss_gib']:.2f} GiB, {r['seconds_per_image']:.1f} "
+                  f"s/image (chunk {r['chunk']})", flush=True)
+    elif args.profile:
+        result["profiles"] = []
+        for case in cases:
+            set_threads(args.threads)  # imports made on the way (numba, cv2) can reset it
+            p = profile_case(case, args, device)
+            result["profiles"].append(p)
+            for phase in ("train_step", "eval"):
+                top = ", ".join(f"{e['op']} {e['self_share']:.0%}" for e in p[phase]["top"][:6])
+                print(f"{case} {phase} {p[phase]['wall_s']:.3f} s: {top}", flush=True)
+    else:
+        rows = []
+        for case in cases:
+            set_threads(args.threads)
+            rows.append(bench_case(case, args, device))
+            print(table(rows[-1:], args.eval_batches).splitlines()[-1], flush=True)
+        result["results"] = rows
+        print()
+        print(table(rows, args.eval_batches))
+        print()
+        print(switch_table(rows))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "results": rows}, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwritten {out}")
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reconad.cli import main, make_config, parse_fit_args
+from reconad.cli import main
+from reconad.config import make_config, parse_fit_args
 
 TINY = ["--backbone.name", "resnet18", "--backbone.weights", "null", "--data.image_size", "32",
         "--data.batch_size", "4", "--data.eval_batch_size", "4", "--train.iterations", "2",

@@ -112,7 +112,7 @@ def test_seeded_runs_are_deterministic(method_name):
 
 
 def test_checkpoint_round_trip(method_name, tmp_path):
-    from reconad.checkpoint import load_weights, save_weights
+    from reconad.fileio import load_weights, save_weights
 
     method = build(method_name, seed=1).train()
     optimizer = optimizer_for(method)

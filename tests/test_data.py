@@ -126,19 +126,30 @@ def test_crop_size_crops_image_and_mask(mvtec: Path) -> None:
 # ---------------------------------------------------------------------------------------------- masks
 
 
+def _soft_mask() -> np.ndarray:
+    """An intensity mask (it reaches 255): a faint 100 region and a full 255 block."""
+    soft = np.zeros((H, W), np.uint8)
+    soft[4:28, 4:36] = 100  # 100/255 ≈ 0.39
+    soft[8:20, 10:22] = 255
+    return soft
+
+
 def test_mask_threshold_half_versus_zero(tmp_path: Path) -> None:
-    path = _save(np.full((H, W), 100, np.uint8), tmp_path / "m.png")  # 100/255 ≈ 0.39 everywhere
-    assert load_mask(path, 16, 0.5).sum() == 0
-    assert load_mask(path, 16, 0.0).sum() == 16 * 16
+    path = _save(_soft_mask(), tmp_path / "m.png")
+    resized = np.asarray(Image.open(path).resize((16, 16), Image.BILINEAR), np.float32) / 255.0
+    for threshold in (0.5, 0.0):
+        expected = torch.from_numpy((resized > threshold).astype(np.float32))[None]
+        assert torch.equal(load_mask(path, 16, threshold), expected)
+    assert 0 < load_mask(path, 16, 0.5).sum() < load_mask(path, 16, 0.0).sum()
     binary = load_mask(_save(_mask(), tmp_path / "b.png"), 16, 0.5)
     assert binary.shape == (1, 16, 16) and 0 < binary.sum() < 16 * 16
 
 
 def test_mask_threshold_comes_from_config(tmp_path: Path) -> None:
     root = make_mvtec(tmp_path, defects={"crack": 1})
-    _save(_mask(100), root / "widget" / "ground_truth" / "crack" / "000_mask.png")
+    _save(_soft_mask(), root / "widget" / "ground_truth" / "crack" / "000_mask.png")
     mask_at = {t: MVTecDataset(root, "widget", "test", cfg(mask_threshold=t))[0]["mask"] for t in (0.5, 0.0)}
-    assert mask_at[0.5].sum() == 0 and mask_at[0.0].sum() > 0
+    assert 0 < mask_at[0.5].sum() < mask_at[0.0].sum()
 
 
 def test_sixteen_bit_and_label_masks_are_scaled(tmp_path: Path) -> None:
@@ -410,8 +421,12 @@ def test_config_errors(tmp_path: Path, mvtec: Path) -> None:
         build_datasets(DataConfig())
     with pytest.raises(DataError, match="widget"):
         build_datasets(DataConfig(root=str(mvtec)))  # no category: the message lists the found ones
-    with pytest.raises(DataError, match="layout"):
-        build_datasets(DataConfig(root=str(mvtec), category="widget", layout="zip"))  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="known layouts: btad, folder, loco, mvtec, visa"):
+        DataConfig(root=str(mvtec), category="widget", layout="zip")
+    changed = DataConfig(root=str(mvtec), category="widget")
+    changed.layout = "zip"  # set after construction: build_datasets checks again
+    with pytest.raises(DataError, match="Unknown data.layout 'zip'"):
+        build_datasets(changed)
 
 
 # ---------------------------------------------------------------------------------------------- folder layout

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from reconad.checkpoint import atomic_write, load_weights
-from reconad.cli import make_config
-from reconad.engine import fit, load, predict, read_run_config
+from reconad.api import predict
+from reconad.config import make_config
+from reconad.engine import fit, load, read_run_config
+from reconad.errors import RunFolderError
+from reconad.fileio import atomic_write, load_weights
 
 from .conftest import tiny_run_overrides
 
@@ -20,7 +22,7 @@ def test_fit_writes_a_complete_run_folder(tiny_mvtec, tmp_path):
     result = fit(cfg, tmp_path / "run")
     run = result.run_dir
     for name in ("config.yaml", "log.jsonl", "metrics.json", "checkpoints/model.safetensors",
-                 "checkpoints/state.pt", "test_scores.csv", "curves.json"):
+                 "checkpoints/state.json", "checkpoints/state.safetensors", "test_scores.csv", "curves.json"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
     assert set(metrics) >= {"image_auroc", "pixel_auroc", "aupro", "aupro_per_image"}
@@ -60,10 +62,23 @@ def test_resume_continues_exactly(tiny_mvtec, tmp_path, accumulate, stop):
     assert losses_resumed == losses_full
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tiny_mvtec, tmp_path):
+def test_resume_of_a_folder_that_is_no_run_is_a_clear_error(tiny_mvtec, tmp_path):
     cfg = make_config("rd4ad", **tiny_run_overrides(tiny_mvtec))
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(RunFolderError, match="cannot resume"):
         fit(cfg, tmp_path / "never-ran", resume=True)
+
+
+def test_resume_before_the_first_checkpoint_starts_again_and_equals_a_full_run(tiny_mvtec, tmp_path):
+    from reconad.run import write_config
+
+    cfg = make_config("rd4ad", **tiny_run_overrides(tiny_mvtec, iterations=2))
+    full = fit(cfg, tmp_path / "full")
+    write_config(tmp_path / "started", cfg)  # killed before its first checkpoint: a config, nothing else
+    (tmp_path / "started" / "log.jsonl").write_text('{"batch": 1, "kind": "train", "loss": 9.0}\n{"batch": 2, "ki')
+    again = fit(cfg, tmp_path / "started", resume=True)
+    assert again.metrics == full.metrics
+    assert [e["loss"] for e in again.history if e["kind"] == "train"] == \
+        [e["loss"] for e in full.history if e["kind"] == "train"]
 
 
 def test_load_and_predict_a_folder(tiny_mvtec, tmp_path):

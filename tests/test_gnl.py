@@ -217,12 +217,29 @@ def test_efdm_interpolates_sorted_values_in_the_input_rank_order():
     torch.testing.assert_close(full.sort(-1).values, ref_sorted.expand_as(full), rtol=0, atol=1e-6)
 
 
-def test_efdm_ties_do_not_depend_on_the_batch():
+def test_efdm_stable_ties_do_not_depend_on_the_batch():
     x = torch.relu(torch.randn(5, 4, 6, 6, generator=torch.Generator().manual_seed(1)))  # many exact zeros
     ref = torch.randn(4, 36).sort(-1).values
-    batched = efdm(x, ref)
-    singles = torch.cat([efdm(x[i:i + 1], ref) for i in range(5)])
+    batched = efdm(x, ref, stable=True)
+    singles = torch.cat([efdm(x[i:i + 1], ref, stable=True) for i in range(5)])
     torch.testing.assert_close(batched, singles, rtol=0, atol=0)
+
+
+def official_efdm_test(x: torch.Tensor, ref_sorted: torch.Tensor, lamda: float) -> torch.Tensor:
+    """ADShift's EFDM_test transcribed (per-image batch, default torch.sort), with the reference pre-sorted."""
+    b, c, w, h = x.shape
+    value_content, index_content = torch.sort(x.view(-1, w * h))
+    lamda = 1 - lamda
+    new = value_content + (ref_sorted.repeat(b, 1) - value_content) * lamda
+    inverse_index = index_content.argsort(-1)
+    return new.gather(-1, inverse_index).view(b, c, w, h)
+
+
+def test_efdm_default_ties_follow_the_official_default_sort():
+    x = torch.relu(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2)))  # ~half exact zeros
+    ref = torch.randn(4, 256, generator=torch.Generator().manual_seed(3)).sort(-1).values
+    torch.testing.assert_close(efdm(x, ref, 0.5), official_efdm_test(x, ref, 0.5), rtol=0, atol=0)
+    assert GNL.Config().match_stable_sort is False
 
 
 def loader_of(imgs: torch.Tensor, batch_size: int = 3):
@@ -271,7 +288,7 @@ def test_batched_prediction_equals_batch_one():
 
 
 def test_fitted_reference_is_saved_and_loaded(tmp_path):
-    from reconad.checkpoint import load_weights, save_weights
+    from reconad.fileio import load_weights, save_weights
 
     model = make_gnl(seed=1).eval()
     model.prepare(loader_of(images(2, seed=13)))
@@ -311,7 +328,7 @@ def test_official_checkpoint_loads_with_identical_outputs():
 
 # -- end to end --------------------------------------------------------------------------------------------------
 def test_fit_writes_the_reference_and_reloads(tiny_mvtec, tmp_path):
-    from reconad.cli import make_config
+    from reconad.config import make_config
     from reconad.engine import evaluate, fit, load
 
     cfg = make_config("gnl", **tiny_run_overrides(tiny_mvtec, iterations=2))

@@ -95,7 +95,7 @@ def test_missing_ground_truth_and_bad_config_are_reported(loco_root):
 
 
 def test_engine_run_reports_loco_metrics(loco_root, tmp_path):
-    from reconad.cli import make_config
+    from reconad.config import make_config
     from reconad.engine import fit
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from reconad.backbones import create_backbone
-from reconad.cli import make_config
+from reconad.config import make_config
 from reconad.data.noise import SimplexNoisePatch, octave_noise3
 from reconad.engine import fit
 from reconad.methods.rdpp import contrast_loss, reconstruction_loss, ssot_loss
@@ -184,11 +184,11 @@ def test_drop_odd_batches_keeps_only_the_second_gradient_of_each_pair():
 
 # -- engine: accumulation, logged SSOT, test-set selection ------------------------------------------------------
 def test_optimizer_steps_every_second_batch_and_ssot_is_logged(tiny_mvtec, tmp_path):
-    from reconad.checkpoint import load_checkpoint
+    from reconad.run import load_checkpoint
 
     cfg = make_config("rdpp", **tiny_run_overrides(tiny_mvtec, iterations=3, accumulate=2))
     result = fit(cfg, tmp_path / "run")
-    _, state = load_checkpoint(result.run_dir / "checkpoints")
+    _, state = load_checkpoint(result.run_dir)
     steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps == {1}  # 3 batches with accumulation 2: one optimizer step (after batch 2), none after batch 3
     train = [e for e in result.history if e["kind"] == "train"]
@@ -242,3 +242,48 @@ def test_official_checkpoint_loads_with_identical_outputs():
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=0)
+
+
+def test_vectorised_noise_equals_the_scalar_opensimplex_kernel():
+    from opensimplex import OpenSimplex
+
+    from reconad.data.noise import noise3_vectorised, octave_noise3_scalar
+
+    for seed in (0, 7, -123456789012, 2**40):
+        np.testing.assert_allclose(octave_noise3((3, 31, 29), seed), octave_noise3_scalar((3, 31, 29), seed),
+                                   rtol=0, atol=1e-13)
+    # off-grid points in every region of the super-cell (negative coordinates too), point by point
+    rng = np.random.default_rng(0)
+    x, y, z = (rng.uniform(-40, 40, 3000) for _ in range(3))
+    gen = OpenSimplex(99)
+    expected = np.array([gen.noise3(a, b, c) for a, b, c in zip(x, y, z)])
+    ours = noise3_vectorised(x, y, z, gen._perm, gen._perm_grad_index3)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-13)
+    assert np.abs(expected).max() > 0.5  # the comparison covers real values, not zeros
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_batched_noise_views_equal_the_per_image_views(fixed):
+    images = torch.rand(5, 3, 48, 40)
+    noise = SimplexNoisePatch(seed=3, fixed_field=fixed)
+    np.random.seed(11)
+    per_image = torch.stack([noise(img) for img in images])
+    np.random.seed(11)
+    torch.testing.assert_close(noise.batch(images), per_image, rtol=0, atol=0)
+    assert not torch.equal(per_image, images)
+
+
+def test_rdpp_training_batch_equals_the_base_per_image_batch():
+    from reconad.methods.base import Method
+
+    model = rdpp()
+    images = torch.rand(3, 3, 32, 32)
+    torch.manual_seed(5)
+    ours = model.training_batch(images)
+    torch.manual_seed(5)
+    from reconad.data.folder import seeded_rngs
+
+    with seeded_rngs(int(torch.randint(0, 2**31 - 1, ())), 0, 0):
+        reference = Method.training_batch(model, images)
+    assert ours.keys() == reference.keys()
+    torch.testing.assert_close(ours["noisy"], reference["noisy"], rtol=0, atol=0)

@@ -85,7 +85,7 @@ def test_overlay_picks_best_median_worst_anomalies_and_worst_normal(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     """One tiny real run (the engine draws its curves), reported on its own."""
-    from reconad.cli import make_config
+    from reconad.config import make_config
     from reconad.engine import fit
 
     base = tmp_path_factory.mktemp("report")

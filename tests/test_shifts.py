@@ -103,7 +103,8 @@ def test_writer_copies_every_test_folder_with_masks_reused(tiny_mvtec, tmp_path)
 
 
 def test_cli_prepare_shift_and_shift_eval_table(tiny_mvtec, tmp_path, capsys):
-    from reconad.cli import main, make_config
+    from reconad.cli import main
+    from reconad.config import make_config
     from reconad.engine import fit
 
     assert main(["prepare", "shift", "--data.root", str(tiny_mvtec), "--corruptions", "brightness",
@@ -130,7 +131,7 @@ def _class_tree(root: Path, classes, n: int, seed: int) -> None:
 
 
 def test_prepare_pacs_gives_one_class_folder_sets(tmp_path):
-    from reconad.cli import make_config
+    from reconad.config import make_config
     from reconad.data import build_datasets
 
     classes = ("dog", "house", "person")

@@ -193,7 +193,7 @@ def test_forward_is_smoothed_channel_mse_summed():
 
 
 def test_object_prior_from_held_out_normals_and_checkpoint(tmp_path):
-    from reconad.checkpoint import load_weights, save_weights
+    from reconad.fileio import load_weights, save_weights
 
     torch.manual_seed(0)
     method = SSLAE(SSLAEConfig(prior=True, prior_power=2, box_size=3, box_passes=1))
@@ -235,28 +235,33 @@ def test_prepare_fits_pixel_variance():
     assert float(method.pixel_var_) == pytest.approx(float(images.double().var(unbiased=False)), rel=1e-9)
 
 
-def test_objective_4_early_stopping_keeps_the_best_held_out_snapshot():
+def test_objective_4_early_stopping_keeps_the_best_held_out_snapshot(tmp_path):
+    from reconad.engine.services import SnapshotSelection
+
     torch.manual_seed(0)
     cfg = SSLAEConfig(objective=4, val_every=1, corruption=CorruptionConfig(reference_size=128))
     method = SSLAE(cfg).train()
+    assert SSLAE(SSLAEConfig(objective=1)).selection_interval() is None  # only objective (4) stops early
+    snapshots = SnapshotSelection(method, tmp_path)
     optimizer = torch.optim.Adam(method.net.parameters(), lr=1e-2)
     images = torch.stack([smooth_image(32, s) for s in range(2)])
     for step in range(3):
         optimizer.zero_grad()
         method.loss(method.training_batch(images), step / 3)["loss"].backward()
         optimizer.step()
+        snapshots.after_batch(step + 1, total=3)
     holdout = torch.stack([smooth_image(32, 10 + s) for s in range(2)])
-    method.calibrate([{"image": holdout}])
-    history = method.selection["history"]
+    selection = snapshots.select(holdout, done=3)["selection"]
+    history = selection["history"]
     assert [s for s, _ in history] == [1, 2, 3]  # snapshots after 1 and 2 batches, and the final weights
     best = min(v for _, v in history)
-    assert method.selection["val_loss"] == best
+    assert selection["val_loss"] == best
     method.eval()
     assert method.validation_loss(holdout) == pytest.approx(best, rel=1e-6)
 
 
 def test_fit_end_to_end_with_prior(tiny_mvtec, tmp_path):
-    from reconad.cli import make_config
+    from reconad.config import make_config
     from reconad.engine import fit
 
     sections = tiny_run_overrides(tiny_mvtec)
@@ -271,7 +276,7 @@ def test_fit_end_to_end_with_prior(tiny_mvtec, tmp_path):
 
 
 def test_presets_per_category():
-    from reconad.cli import make_config
+    from reconad.config import make_config
 
     transistor = make_config("ssl_ae", data={"category": "transistor"}).model
     assert (transistor.diff, transistor.prior) == ("ssim", True)

@@ -105,7 +105,7 @@ def _fake_fit(calls: list):
 
     def fit(cfg, run_dir, resume=False, stop_after=None):
         calls.append((Path(run_dir), resume))
-        from reconad.checkpoint import write_json, write_yaml
+        from reconad.fileio import write_json, write_yaml
 
         write_yaml(Path(run_dir) / engine.CONFIG_FILE, engine.config_to_dict(cfg))
         write_json(Path(run_dir) / engine.METRICS_FILE, {"metrics": {"image_auroc": 0.5 + cfg.train.seed / 1000}})

@@ -153,15 +153,16 @@ def test_calibrated_maps_are_quantile_normalised_before_the_blur():
 # -- no leakage: quantiles come from held-out training normals only ------------------------------------------
 def test_quantiles_never_see_test_images(tmp_path, monkeypatch):
     import reconad.engine as engine
-    from reconad.cli import make_config
+    import reconad.engine.loop as loop
+    from reconad.config import make_config
     from reconad.data import build_datasets
 
     from .conftest import tiny_run_overrides, write_tiny_mvtec
 
     root = write_tiny_mvtec(tmp_path / "data", n_train=8)
     built = []
-    original = engine.build_method
-    monkeypatch.setattr(engine, "build_method", lambda cfg, **kw: built.append(original(cfg, **kw)) or built[-1])
+    original = loop.build_method
+    monkeypatch.setattr(loop, "build_method", lambda cfg, **kw: built.append(original(cfg, **kw)) or built[-1])
     sections = tiny_run_overrides(root, iterations=2)
     sections["data"].update(holdout_fraction=0.25, batch_size=2)
     sections["backbone"]["taps"] = ["layer2", "layer3"]
@@ -225,3 +226,30 @@ def test_load_official_gives_identical_outputs(wrn_ulsad):
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), wrn_ulsad(images), rtol=0, atol=0)
+
+
+def test_feature_dim_derived_from_the_taps_by_the_official_ratio():
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", taps=("layer2", "layer3"), weights=None)  # 128 + 256 channels
+    derived = create_method("ulsad", backbone=backbone)  # feature_dim None: (128 + 256) // 4
+    assert derived.feature_dim == 96 and derived.frn.conv1.in_channels == 96
+    assert derived.global_ae.deconv8.out_channels == 96
+    assert derived.features(derived.normalize(torch.rand(1, 3, 64, 64))).shape[1] == 96
+    assert create_method("ulsad", backbone=backbone, feature_dim=20).feature_dim == 20  # an int wins
+    assert create_method("ulsad", backbone=backbone, feature_pool=8).feature_dim == 48
+    wrn_like = type("B", (), {"feature_info": [type("T", (), {"channels": c})() for c in (512, 1024)]})()
+    from reconad.methods.ulsad import ULSADConfig, derived_feature_dim
+    assert derived_feature_dim(wrn_like, ULSADConfig()) == 384  # the official width on the official taps
+    with pytest.raises(ValueError, match="feature_dim"):
+        derived_feature_dim(wrn_like, ULSADConfig(feature_dim=0))
+
+
+@pytest.mark.parametrize("out_channels", [6, 5])
+def test_aggregation_equals_official_adaptive_channel_pooling(out_channels):
+    g = torch.Generator().manual_seed(3)
+    fine, coarse = torch.randn(2, 8, 6, 6, generator=g), torch.randn(2, 16, 3, 3, generator=g)
+    x = torch.cat([fine, F.interpolate(coarse, size=(6, 6), mode="bilinear", align_corners=False)], 1)
+    # the official code: channels as a 1-D signal per pixel through adaptive_avg_pool1d (24 → 6 divides, → 5 not)
+    official = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(-1, 1, 24), out_channels)
+    official = official.reshape(2, 6, 6, out_channels).permute(0, 3, 1, 2)
+    torch.testing.assert_close(aggregate_features([fine, coarse], out_channels), official, rtol=0, atol=1e-6)

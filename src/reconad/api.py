@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import make_config
-from .engine import RunResult, load, predict, read_run_config
+from .config import RunConfig, make_config
+from .engine import RunResult
 from .engine import evaluate as _evaluate
 from .engine import fit as _fit
+from .run import load, read_run_config
 
-__all__ = ["demo", "evaluate", "fit", "load", "make_config", "predict", "resume"]
+__all__ = ["demo", "evaluate", "evaluate_shifts", "fit", "fit_config", "load", "make_config", "predict",
+           "read_run_config", "resume"]
 
 
-def fit(preset: str = "rd4ad", *, run_dir: str | Path | None = None, **sections: Any) -> RunResult:
+def fit(preset: str = "rd4ad", *, run_dir: str | Path | None = None, overwrite: bool = False,
+        **sections: Any) -> RunResult:
     """Train from a preset with overrides per config section.
 
     ``reconad.fit("rd4ad", data={"root": "mvtec", "category": "bottle"}, train={"epochs": 5})``
+    An existing ``run_dir`` is refused unless ``overwrite=True`` (use :func:`resume` to continue one).
     """
-    return _fit(make_config(preset, **sections), run_dir)
+    return _fit(make_config(preset, **sections), run_dir, overwrite=overwrite)
+
+
+def fit_config(cfg: RunConfig, run_dir: str | Path | None = None, *, overwrite: bool = False) -> RunResult:
+    """Train from a resolved :class:`reconad.config.RunConfig` (what ``reconad fit`` parses from argv)."""
+    return _fit(cfg, run_dir, overwrite=overwrite)
 
 
 def resume(run_dir: str | Path) -> RunResult:
@@ -33,14 +42,45 @@ def evaluate(run_dir: str | Path, device: str = "cpu", **data_overrides: Any) ->
     return _evaluate(run_dir, data_overrides, device=device)
 
 
+def predict(run_dir: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
+            device: str = "cpu", batch_size: int = 8, **options: Any) -> list[dict[str, Any]]:
+    """Maps, overlays and ``scores.csv`` for an image file, a folder or a list of images."""
+    from .engine.prediction import predict as _predict
+
+    return _predict(run_dir, inputs, output_dir, device=device, batch_size=batch_size, **options)
+
+
+def evaluate_shifts(run_dir: str | Path, shifts: Mapping[str, str | Path], device: str = "cpu",
+                    write: bool = True) -> dict[str, dict[str, float]]:
+    """Evaluate one trained run on its own test set (column ``clean``) and on each shifted dataset root.
+
+    Args:
+        run_dir: A run folder.
+        shifts: Column name → dataset root with the run's category in the same layout (a corrupted copy, or
+            another domain such as a PACS domain prepared by :mod:`reconad.data.prepare`).
+        device: Where to run the model.
+        write: Also write ``shift_metrics.json`` into the run folder.
+    """
+    from .fileio import write_json
+
+    results = {"clean": _evaluate(run_dir, None, device=device, write=False)}
+    for name, root in shifts.items():
+        results[name] = _evaluate(run_dir, {"root": str(root)}, device=device, write=False)
+    if write:
+        write_json(Path(run_dir) / "shift_metrics.json",
+                   {"shifts": {k: str(v) for k, v in shifts.items()}, "metrics": results})
+    return results
+
+
 def demo(output_dir: str | Path = "runs/demo", categories: Sequence[str] | None = None,
          threads: int | None = None, **sections: Any) -> dict[str, RunResult]:
     """Train RD4AD with the offline EfficientNet-Lite0 backbone on each built-in demo category."""
     from .data.demo import DEMO_CATEGORIES, ensure_demo_data
+    from .errors import ConfigError
 
     unknown = sorted(set(categories or ()) - set(DEMO_CATEGORIES))
     if unknown:
-        raise ValueError(f"unknown demo categories {unknown}; choose from {', '.join(DEMO_CATEGORIES)}")
+        raise ConfigError(f"unknown demo categories {unknown}; choose from {', '.join(DEMO_CATEGORIES)}")
     root = ensure_demo_data()
     train = {**sections.pop("train", {}), **({"threads": threads} if threads else {})}
     data = sections.pop("data", {})

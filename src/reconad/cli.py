@@ -7,190 +7,14 @@ Configuration is parsed by jsonargparse from the typed dataclasses in ``reconad.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from .config import BackboneConfig, DataConfig, EvalConfig, OptimConfig, RunConfig, TrainConfig
-
-PRESET_DIR = Path(__file__).parent / "configs"
-SECTIONS = {"data": DataConfig, "backbone": BackboneConfig, "optim": OptimConfig, "train": TrainConfig,
-            "eval": EvalConfig}
-
-
-class UsageError(ValueError):
-    """A command-line or configuration mistake, reported without a traceback."""
-
-
-# -- presets and configs ------------------------------------------------------------------------------------
-def list_presets() -> list[str]:
-    return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
-
-
-def resolve_preset(name_or_path: str | os.PathLike) -> Path:
-    """A YAML path as given, or a preset name (``rd4ad``, ``recontrast/config_b``) from the package."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if preset.is_file():
-        return preset
-    raise UsageError(f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(list_presets())}")
-
-
-def load_preset(name_or_path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A preset's mapping; ``base: OTHER`` inherits OTHER (this file's sections are merged over it)."""
-    path = resolve_preset(name_or_path)
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
-    base = data.pop("base", None)
-    drop_per_category = "per_category" in data and data["per_category"] is None  # `null` drops the base's entries
-    if drop_per_category:
-        del data["per_category"]
-    if base is not None:
-        if str(base) in _seen:
-            raise UsageError(f"presets inherit in a cycle: {' -> '.join([*_seen, str(base)])}")
-        data = deep_merge(load_preset(base, (*_seen, str(base))), data)
-    if drop_per_category:
-        data["per_category"] = {}
-    return data
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def build_parser(method: str, prog: str = "reconad fit"):
-    """The parser for one method: every RunConfig section plus the method's own Config under ``model``."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from .registry import get_method_class
-
-    try:
-        cls = get_method_class(method)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    parser = ArgumentParser(prog=prog, exit_on_error=False, allow_abbrev=False, description=f"Train {method}.")
-    parser.add_argument("--config", action=ActionConfigFile, help="preset name or YAML file")
-    parser.add_argument("--method", type=str, default=method)
-    for section, schema in SECTIONS.items():
-        parser.add_class_arguments(schema, section)
-    parser.add_class_arguments(cls.Config, "model")
-    parser.add_argument("--output_dir", type=str, default="runs")
-    parser.add_argument("--name", type=str | None, default=None)
-    parser.add_argument("--per_category", type=dict[str, dict[str, Any]], default={})
-    return parser
-
-
-def _namespace_to_config(parser, namespace) -> RunConfig:
-    from .backbones import list_backbones
-
-    init = parser.instantiate(namespace)
-    kwargs = {section: getattr(init, section) for section in SECTIONS}
-    # per_category entries are applied before this point (see _apply_per_category); a resolved config has none
-    cfg = RunConfig(method=init.method, model=init.model, output_dir=init.output_dir, name=init.name, **kwargs)
-    if cfg.backbone.name not in list_backbones():
-        raise UsageError(f"unknown backbone {cfg.backbone.name!r} (--backbone.name); known backbones: "
-                         f"{', '.join(list_backbones())}")
-    return cfg
-
-
-def _category_overrides(per_category: dict[str, Any], category: str | None) -> dict[str, Any]:
-    overrides = per_category.get(category or "", {}) if per_category else {}
-    if "method" in overrides or "per_category" in overrides:
-        raise UsageError(f"per_category[{category!r}] may not change 'method' or 'per_category'")
-    return overrides
-
-
-def _apply_per_category(data: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Preset → its per-category overrides for ``data.category`` → ``extra`` (explicit overrides win)."""
-    extra = extra or {}
-    data = dict(data)
-    per_category = {**(data.pop("per_category", None) or {}), **(extra.get("per_category") or {})}
-    extra = {k: v for k, v in extra.items() if k != "per_category"}
-    category = (extra.get("data") or {}).get("category") or (data.get("data") or {}).get("category")
-    return deep_merge(deep_merge(data, _category_overrides(per_category, category)), extra)
-
-
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """A RunConfig from a nested mapping (a preset, a saved ``config.yaml``); unknown keys are errors."""
-    from jsonargparse import ArgumentError
-
-    data = _apply_per_category(data)
-    method = data.get("method", "rd4ad")
-    parser = build_parser(method)
-    try:
-        return _namespace_to_config(parser, parser.parse_object(data))
-    except ArgumentError as err:
-        raise UsageError(f"invalid configuration: {err}") from err
-
-
-def make_config(preset: str = "rd4ad", **sections: Any) -> RunConfig:
-    """A preset (name or YAML path; a bare method name without preset means its defaults) with overrides.
-
-    ``make_config("rd4ad", data={"root": "...", "category": "bottle"}, train={"epochs": 5})``
-    """
-    from .registry import list_methods
-
-    try:
-        base = load_preset(preset)
-    except UsageError:
-        if preset not in list_methods():
-            raise
-        base = {"method": preset}
-    return config_from_dict(_apply_per_category(base, sections))
-
-
-def _method_from_argv(argv: Sequence[str]) -> str:
-    method = None
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
-        if arg.split("=", 1)[0] == "--config" and value:
-            method = load_preset(value).get("method", method)
-        elif arg.split("=", 1)[0] == "--method" and value:
-            method = value
-    return method or "rd4ad"
-
-
-def _expand_preset_args(argv: Sequence[str]) -> list[str]:
-    """``--config NAME`` → the preset's resolved mapping (``base:`` inheritance applied) as inline YAML."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        if arg == "--config" and i + 1 < len(out):
-            out[i + 1] = yaml.safe_dump(load_preset(out[i + 1]))
-        elif arg.startswith("--config="):
-            out[i] = "--config=" + yaml.safe_dump(load_preset(arg.split("=", 1)[1]))
-    return out
-
-
-def parse_fit_args(argv: Sequence[str]) -> RunConfig:
-    from jsonargparse import ArgumentError
-
-    parser = build_parser(_method_from_argv(argv))
-    argv = _expand_preset_args(argv)
-    try:
-        namespace = parser.parse_args(argv)
-        overrides = _category_overrides(namespace.per_category, namespace.data.category)
-        if overrides:  # preset < its per-category overrides < the command line
-            last_config = max((i for i, a in enumerate(argv) if a == "--config"), default=-2)
-            argv = [*argv[:last_config + 2], "--config", yaml.safe_dump(overrides), *argv[last_config + 2:]]
-            namespace = parser.parse_args(argv)
-        return _namespace_to_config(parser, namespace)
-    except ArgumentError as err:
-        raise UsageError(f"{err}\n(run `reconad fit --config PRESET --help` for every option)") from err
+from .config import list_presets, parse_fit_args
+from .errors import ReconadError, UsageError
 
 
 # -- commands -----------------------------------------------------------------------------------------------
@@ -217,14 +41,15 @@ def cmd_fit(argv: Sequence[str]) -> int:
             raise UsageError("usage: reconad fit --resume RUN_DIR (the run's config.yaml is reused as it is)")
         result = api.resume(rest[0])
     else:
+        overwrite = "--overwrite" in argv
+        argv = [a for a in argv if a != "--overwrite"]
         run_dir = None
         if "--run_dir" in argv:
             i = argv.index("--run_dir")
+            if i + 1 >= len(argv):
+                raise UsageError("--run_dir needs a folder")
             run_dir, argv = argv[i + 1], [*argv[:i], *argv[i + 2:]]
-        cfg = parse_fit_args(argv)
-        from .engine import fit
-
-        result = fit(cfg, run_dir)
+        result = api.fit_config(parse_fit_args(argv), run_dir, overwrite=overwrite)
     print(f"run folder: {result.run_dir}")
     print(_metrics_table({cfg_name(result): result.metrics}))
     return 0
@@ -247,7 +72,7 @@ def _simple_parser(prog: str, description: str):
 
 
 def cmd_test(argv: Sequence[str]) -> int:
-    from .engine import evaluate
+    from .api import evaluate
 
     parser = _simple_parser("reconad test", "Evaluate a trained run on its test set (or another one).")
     parser.add_argument("run_dir", type=str)
@@ -256,13 +81,13 @@ def cmd_test(argv: Sequence[str]) -> int:
     parser.add_argument("--device", type=str, default="cpu")
     args = parser.parse_args(list(argv))
     overrides = {k: v for k, v in (("root", args.data.root), ("category", args.data.category)) if v is not None}
-    metrics = evaluate(args.run_dir, overrides, device=args.device)
+    metrics = evaluate(args.run_dir, device=args.device, **overrides)
     print(_metrics_table({Path(args.run_dir).name: metrics}))
     return 0
 
 
 def cmd_predict(argv: Sequence[str]) -> int:
-    from .engine import predict
+    from .api import predict
 
     parser = _simple_parser("reconad predict", "Anomaly maps, overlays and scores for a folder of images.")
     parser.add_argument("run_dir", type=str)
@@ -375,8 +200,8 @@ def cmd_prepare(argv: Sequence[str]) -> int:
 
 
 def cmd_shift_eval(argv: Sequence[str]) -> int:
-    from .data.shifts import default_shift_root, evaluate_shifts, resolve_shifts, shift_table
-    from .engine import read_run_config
+    from .api import evaluate_shifts, read_run_config
+    from .data.shifts import default_shift_root, resolve_shifts, shift_table
     from .metrics import to_markdown
 
     parser = _simple_parser("reconad shift-eval", "Evaluate trained runs on their test set and on shifted test sets.")
@@ -424,10 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_user_error(err: Exception) -> bool:
     from jsonargparse import ArgumentError
 
-    from .backbones import WeightsUnavailableError
-    from .data import DataError
-
-    return isinstance(err, (UsageError, DataError, WeightsUnavailableError, ArgumentError, FileNotFoundError))
+    return isinstance(err, (ReconadError, ArgumentError, FileNotFoundError))
 
 
 if __name__ == "__main__":

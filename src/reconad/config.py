@@ -2,12 +2,28 @@
 
 Every field has the official default of RD4AD (the base method); method presets in ``configs/`` override
 what differs. Method-specific settings live in each method's own ``Config`` dataclass (``methods/``).
+
+This module is the whole configuration layer: the schema, preset loading with ``base:`` inheritance, per-category
+overrides, merging, parsing from a mapping or from argv (jsonargparse), and the one user-error type
+(:class:`reconad.errors.ReconadError`). The CLI only hands argv to :func:`parse_fit_args` and prints errors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError, ReconadError, UsageError
+
+__all__ = ["BackboneConfig", "ConfigError", "DataConfig", "EvalConfig", "OptimConfig", "ReconadError", "RunConfig",
+           "TrainConfig", "UsageError", "config_from_dict", "config_to_dict", "deep_merge", "list_presets",
+           "load_preset", "make_config", "parse_fit_args", "resolve_preset"]
 
 
 @dataclass
@@ -21,7 +37,13 @@ class DataConfig:
     """MVTec layout only: train one model on the union of these categories (ReContrast's multi-class setting); the
     test set is the union of their test sets. Leave ``category`` unset; evaluate one category afterwards with
     ``categories=None, category=<name>``."""
-    layout: Literal["mvtec", "folder", "loco"] = "mvtec"
+    layout: str = "mvtec"
+    """Folder structure: ``mvtec``, ``folder``, ``loco``, ``visa``, ``btad`` or a registered one
+    (``reconad.data.list_layouts()``; see docs/datasets.md)."""
+    masks: Literal["auto", "required", "none"] = "auto"
+    """``auto``: use ground-truth masks where the dataset has them; a category without any (MVTec layout: no
+    ``ground_truth/``) is evaluated with image-level metrics only. ``required``: every anomalous test image needs a
+    mask. ``none``: ignore masks (image-level metrics only)."""
     normal_dir: str | None = None
     """Folder layout only: folder of normal test images (relative to ``root`` or absolute)."""
     anomalous_dir: str | None = None
@@ -46,6 +68,11 @@ class DataConfig:
     drop_last: bool = False
     loco_spro_fpr_limit: float = 0.05
     """MVTec LOCO layout only: FPR integration limit of the reported sPRO (the LOCO papers report 0.05)."""
+
+    def __post_init__(self) -> None:
+        from .data.registry import check_layout_name  # a light module: no layout (and no torch) is imported
+
+        check_layout_name(self.layout)
 
 
 @dataclass
@@ -74,7 +101,10 @@ class OptimConfig:
 class TrainConfig:
     epochs: int | None = 200
     iterations: int | None = None
-    """Iteration schedule; when set it wins over ``epochs``."""
+    """Training length in BATCHES (data-loader iterations); when set it wins over ``epochs``. With ``accumulate: 2``
+    (RD++) 120 iterations are 60 optimizer steps; use ``steps`` to compare methods at equal optimizer steps."""
+    steps: int | None = None
+    """Training length in OPTIMIZER STEPS (``steps × accumulate`` batches); wins over ``iterations`` and ``epochs``."""
     accumulate: int = 1
     """Optimizer step every N batches (RD++: 2)."""
     accumulate_mean: bool = False
@@ -87,8 +117,17 @@ class TrainConfig:
     eval_every: int | None = None
     """Evaluate on the test set every N optimizer steps (logged only; the final model is reported)."""
     checkpoint_every: int | None = None
-    """Write a resumable checkpoint every N optimizer steps (always at the end)."""
+    """Also write a resumable checkpoint every N optimizer steps (always at the end)."""
+    checkpoint_minutes: float | None = 5.0
+    """Write a resumable checkpoint every this many minutes, and at epoch ends once the last checkpoint is over a
+    minute old, so every interrupted run resumes (``null``: only ``checkpoint_every`` and the end)."""
+    skip_nonfinite: bool = False
+    """Skip batches whose loss is NaN/inf (logged) instead of stopping at the first one with an error."""
     log_every: int = 10
+    loggers: list[str] | str = field(default_factory=list)
+    """Experiment trackers that also receive every log record and the resolved config (``reconad.trackers``):
+    ``tensorboard``, ``mlflow`` (``pip install reconad[track]``), as a list or ``tensorboard,mlflow``;
+    ``log.jsonl`` stays the ground truth."""
     threads: int | None = None
     """CPU threads for torch (``None`` leaves torch's default)."""
 
@@ -110,6 +149,16 @@ class EvalConfig:
     calibrate_on: Literal["holdout", "test_good"] = "holdout"
     """Data for ``Method.calibrate``: held-out training normals (``data.holdout_fraction``), or — official ULSAD
     parity only, test-set leakage — the good images of the test set."""
+    # fast inference switches (reconad.acceleration.apply_inference_speedups); each changes maps slightly, see
+    # docs/performance.md for their measured speed and max |Δ| against the float32 path
+    fold_bn: bool = False
+    """Fold the frozen encoders' BatchNorms into their convs for inference."""
+    channels_last: bool = False
+    """NHWC memory format for inference (weights and inputs)."""
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    """Autocast dtype of inference (maps are returned in float32)."""
+    compile: bool = False
+    """``torch.compile`` the inference forward (first batches pay the compilation)."""
 
 
 @dataclass
@@ -127,3 +176,181 @@ class RunConfig:
     as RD++'s epoch table or ReContrast's encoder-BN lists live in presets this way)."""
     output_dir: str = "runs"
     name: str | None = None
+
+
+# -- presets, merging and parsing ----------------------------------------------------------------------
+PRESET_DIR = Path(__file__).parent / "configs"
+SECTIONS = {"data": DataConfig, "backbone": BackboneConfig, "optim": OptimConfig, "train": TrainConfig,
+            "eval": EvalConfig}
+
+
+# -- presets and configs ------------------------------------------------------------------------------------
+def list_presets() -> list[str]:
+    return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
+
+
+def resolve_preset(name_or_path: str | os.PathLike) -> Path:
+    """A YAML path as given, or a preset name (``rd4ad``, ``recontrast/config_b``) from the package."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise UsageError(f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(list_presets())}")
+
+
+def load_preset(name_or_path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's mapping; ``base: OTHER`` inherits OTHER (this file's sections are merged over it)."""
+    path = resolve_preset(name_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    drop_per_category = "per_category" in data and data["per_category"] is None  # `null` drops the base's entries
+    if drop_per_category:
+        del data["per_category"]
+    if base is not None:
+        if str(base) in _seen:
+            raise UsageError(f"presets inherit in a cycle: {' -> '.join([*_seen, str(base)])}")
+        data = deep_merge(load_preset(base, (*_seen, str(base))), data)
+    if drop_per_category:
+        data["per_category"] = {}
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def build_parser(method: str, prog: str = "reconad fit"):
+    """The parser for one method: every RunConfig section plus the method's own Config under ``model``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from .registry import get_method_class
+
+    try:
+        cls = get_method_class(method)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    parser = ArgumentParser(prog=prog, exit_on_error=False, allow_abbrev=False, description=f"Train {method}.")
+    parser.add_argument("--config", action=ActionConfigFile, help="preset name or YAML file")
+    parser.add_argument("--method", type=str, default=method)
+    for section, schema in SECTIONS.items():
+        parser.add_class_arguments(schema, section)
+    parser.add_class_arguments(cls.Config, "model")
+    parser.add_argument("--output_dir", type=str, default="runs")
+    parser.add_argument("--name", type=str | None, default=None)
+    parser.add_argument("--per_category", type=dict[str, dict[str, Any]], default={})
+    return parser
+
+
+def _namespace_to_config(parser, namespace) -> RunConfig:
+    from .backbones import list_backbones
+
+    init = parser.instantiate(namespace)
+    kwargs = {section: getattr(init, section) for section in SECTIONS}
+    # per_category entries are applied before this point (see _apply_per_category); a resolved config has none
+    cfg = RunConfig(method=init.method, model=init.model, output_dir=init.output_dir, name=init.name, **kwargs)
+    if cfg.backbone.name not in list_backbones():
+        raise UsageError(f"unknown backbone {cfg.backbone.name!r} (--backbone.name); known backbones: "
+                         f"{', '.join(list_backbones())}")
+    return cfg
+
+
+def _category_overrides(per_category: dict[str, Any], category: str | None) -> dict[str, Any]:
+    overrides = per_category.get(category or "", {}) if per_category else {}
+    if "method" in overrides or "per_category" in overrides:
+        raise UsageError(f"per_category[{category!r}] may not change 'method' or 'per_category'")
+    return overrides
+
+
+def _apply_per_category(data: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Preset → its per-category overrides for ``data.category`` → ``extra`` (explicit overrides win)."""
+    extra = extra or {}
+    data = dict(data)
+    per_category = {**(data.pop("per_category", None) or {}), **(extra.get("per_category") or {})}
+    extra = {k: v for k, v in extra.items() if k != "per_category"}
+    category = (extra.get("data") or {}).get("category") or (data.get("data") or {}).get("category")
+    return deep_merge(deep_merge(data, _category_overrides(per_category, category)), extra)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A RunConfig from a nested mapping (a preset, a saved ``config.yaml``); unknown keys are errors."""
+    from jsonargparse import ArgumentError
+
+    data = _apply_per_category(data)
+    method = data.get("method", "rd4ad")
+    parser = build_parser(method)
+    try:
+        return _namespace_to_config(parser, parser.parse_object(data))
+    except ArgumentError as err:
+        raise UsageError(f"invalid configuration: {err}") from err
+
+
+def make_config(preset: str = "rd4ad", **sections: Any) -> RunConfig:
+    """A preset (name or YAML path; a bare method name without preset means its defaults) with overrides.
+
+    ``make_config("rd4ad", data={"root": "...", "category": "bottle"}, train={"epochs": 5})``
+    """
+    from .registry import list_methods
+
+    try:
+        base = load_preset(preset)
+    except UsageError:
+        if preset not in list_methods():
+            raise
+        base = {"method": preset}
+    return config_from_dict(_apply_per_category(base, sections))
+
+
+def _method_from_argv(argv: Sequence[str]) -> str:
+    method = None
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+        if arg.split("=", 1)[0] == "--config" and value:
+            method = load_preset(value).get("method", method)
+        elif arg.split("=", 1)[0] == "--method" and value:
+            method = value
+    return method or "rd4ad"
+
+
+def _expand_preset_args(argv: Sequence[str]) -> list[str]:
+    """``--config NAME`` → the preset's resolved mapping (``base:`` inheritance applied) as inline YAML."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = yaml.safe_dump(load_preset(out[i + 1]))
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + yaml.safe_dump(load_preset(arg.split("=", 1)[1]))
+    return out
+
+
+def parse_fit_args(argv: Sequence[str]) -> RunConfig:
+    from jsonargparse import ArgumentError
+
+    parser = build_parser(_method_from_argv(argv))
+    argv = _expand_preset_args(argv)
+    try:
+        namespace = parser.parse_args(argv)
+        overrides = _category_overrides(namespace.per_category, namespace.data.category)
+        if overrides:  # preset < its per-category overrides < the command line
+            last_config = max((i for i, a in enumerate(argv) if a == "--config"), default=-2)
+            argv = [*argv[:last_config + 2], "--config", yaml.safe_dump(overrides), *argv[last_config + 2:]]
+            namespace = parser.parse_args(argv)
+        return _namespace_to_config(parser, namespace)
+    except ArgumentError as err:
+        raise UsageError(f"{err}\n(run `reconad fit --config PRESET --help` for every option)") from err
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """A resolved config as plain data (what ``config.yaml`` holds)."""
+    data = asdict(cfg)
+    data["optim"]["betas"] = list(cfg.optim.betas)
+    return data

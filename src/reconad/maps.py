@@ -33,6 +33,9 @@ class MapsConfig:
     score: Literal["max", "mean", "topk"] = "max"
     topk: float = 0.01
     """Fraction of the highest pixels averaged by ``score="topk"`` (ReContrast multi-class: 1 %)."""
+    blur_float64: bool = False
+    """Blur in float64 as the official scipy call does (parity switch). Default: the maps' own dtype (float32) on
+    their device, which differs from the float64 result by < 1e-6 on maps of the RD family's range."""
 
 
 def cosine_distance_map(target: Tensor, recon: Tensor) -> Tensor:
@@ -98,23 +101,43 @@ def _pad_along(x: Tensor, dim: int, radius: int, padding: str) -> Tensor:
     return x.index_select(dim, _padding_indices(x.shape[dim], radius, padding, x.device))
 
 
+def _blur_matrix(length: int, kernel: Tensor, padding: str) -> Tensor:
+    """(L, L) matrix of the padded 1-D correlation with the symmetric ``kernel`` along an axis of ``length``.
+
+    Row i holds the kernel's taps at the source indices of output i after padding (taps that fall on the same
+    source add up; ``zeros`` drops the taps outside), so one matmul does padding and filtering at once: dense
+    BLAS work instead of a single-channel convolution, which has no fast CPU kernel.
+    """
+    taps = kernel.numel()
+    radius = (taps - 1) // 2
+    matrix = kernel.new_zeros(length, length + 2 * radius if padding == "zeros" else length)
+    if padding == "zeros":
+        windows = torch.arange(length + 2 * radius, device=kernel.device).unfold(0, taps, 1)
+    else:
+        windows = _padding_indices(length, radius, padding, kernel.device).unfold(0, taps, 1)  # (L, K)
+    matrix.scatter_add_(1, windows, kernel.expand(length, taps).contiguous())
+    return matrix[:, radius:radius + length] if padding == "zeros" else matrix
+
+
 def _blur_along(x: Tensor, kernel: Tensor, dim: int, padding: str) -> Tensor:
-    padded = _pad_along(x, dim, (kernel.numel() - 1) // 2, padding)
-    return padded.unfold(dim, kernel.numel(), 1) @ kernel  # windows (..., K) · kernel (K,)
+    """1-D correlation of every line of ``x`` along ``dim`` (-2 or -1) with ``kernel``, padded by ``padding``."""
+    matrix = _blur_matrix(x.shape[dim], kernel, padding)
+    return matrix @ x if dim == -2 else x @ matrix.T
 
 
-def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0, padding: str = "scipy") -> Tensor:
-    """Separable Gaussian blur of (..., H, W) maps.
+def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0, padding: str = "scipy",
+                  dtype: torch.dtype | None = None) -> Tensor:
+    """Separable Gaussian blur of (..., H, W) maps, computed on their device in ``dtype`` (default: their dtype).
 
-    ``padding="scipy"`` equals ``scipy.ndimage.gaussian_filter(sigma, truncate, mode="reflect")`` and is computed
-    in float64 like the RD family's scipy call; ``padding="reflect"`` is torch/kornia whole-sample reflection in
-    the input dtype, as anomalib's ``GaussianBlur2d`` (ULSAD); ``padding="zeros"`` is a zero-padded convolution in the
-    input dtype (ReContrast's multi-class scripts: 5×5 kernel, i.e. ``truncate=0.5`` at σ 4). The result has the
+    ``padding="scipy"`` equals ``scipy.ndimage.gaussian_filter(sigma, truncate, mode="reflect")`` (the RD family's
+    call; pass ``dtype=torch.float64`` to compute in scipy's precision); ``padding="reflect"`` is torch/kornia
+    whole-sample reflection, as anomalib's ``GaussianBlur2d`` (ULSAD); ``padding="zeros"`` is a zero-padded
+    convolution (ReContrast's multi-class scripts: 5×5 kernel, i.e. ``truncate=0.5`` at σ 4). The result has the
     input dtype.
     """
     if sigma <= 0:
         return maps
-    work = torch.float64 if padding == "scipy" else maps.dtype
+    work = dtype or maps.dtype
     kernel = gaussian_kernel1d(sigma, truncate, dtype=work, device=maps.device)
     x = maps.to(work)
     for dim in (-2, -1):
@@ -142,7 +165,7 @@ def ssim_map(a: Tensor, b: Tensor, sigma: float = 1.5, truncate: float = 3.5, c1
     """Per-pixel, per-channel SSIM of (B, C, H, W) images in [0, 1] with a Gaussian window (default 11×11, σ 1.5)
     and reflect padding, via :func:`gaussian_blur`. Returns (B, C, H, W)."""
     def blur(x: Tensor) -> Tensor:
-        return gaussian_blur(x, sigma, truncate)
+        return gaussian_blur(x, sigma, truncate, dtype=torch.float64)  # as before: scipy precision for SSIM
 
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a ** 2
@@ -173,4 +196,9 @@ def anomaly_map(
     cfg = cfg or MapsConfig()
     levels = [upsample(cosine_distance_map(t, r), size, cfg.align_corners) for t, r in pairs]
     fused = fuse(levels, cfg.fuse)
-    return gaussian_blur(fused, cfg.sigma, cfg.truncate, cfg.padding)
+    return gaussian_blur(fused, cfg.sigma, cfg.truncate, cfg.padding, blur_dtype(cfg))
+
+
+def blur_dtype(cfg: MapsConfig) -> torch.dtype | None:
+    """float64 when the parity switch ``blur_float64`` asks for it, else ``None`` (the maps' dtype)."""
+    return torch.float64 if cfg.blur_float64 else None

@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from .methods.base import OfficialLayout  # noqa: F401  (re-exported: reconad.official.OfficialLayout)
+
 if TYPE_CHECKING:
     from .methods.base import Method
 
 
-@dataclass(frozen=True)
-class OfficialLayout:
-    renames: tuple[tuple[str, str], ...]
-    """(official prefix, reconad prefix), first match wins."""
-    unused: tuple[str, ...] = ()
-    """Official key prefixes with no counterpart here (never-used layers); dropped."""
 
 
 

@@ -19,8 +19,17 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+# The built-in methods, imported by name on first use (a plugin table, like entry points): the registry sits below
+# the methods, which import it to register themselves, so it must not import them statically.
+BUILTIN_METHOD_MODULES = ("reconad.methods.rd4ad", "reconad.methods.recontrast", "reconad.methods.rdpp",
+                          "reconad.methods.gnl", "reconad.methods.ulsad", "reconad.methods.ssl_ae")
+
+
 def _ensure_builtin_methods() -> None:
-    from . import methods  # noqa: F401  (importing registers the built-in methods)
+    from importlib import import_module
+
+    for module in BUILTIN_METHOD_MODULES:
+        import_module(module)
 
 
 def list_methods() -> list[str]:

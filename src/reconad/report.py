@@ -420,7 +420,7 @@ def write_report(path: str | Path, progress: Callable[[str], None] | None = None
 
 
 def _write(path: Path, data: ReportData, colors: Mapping[str, str], sections: list[tuple[str, str, str]]) -> None:
-    from .checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
 
     done = sum(r["status"] == "done" for r in data.rows)
     meta = (f"{len(data.runs)} run(s) × {len(data.categories)} categor{'y' if len(data.categories) == 1 else 'ies'}"

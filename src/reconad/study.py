@@ -30,8 +30,9 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from .checkpoint import atomic_write_text, write_json, write_yaml
-from .cli import UsageError
+from .config import deep_merge, make_config
+from .errors import UsageError
+from .fileio import atomic_write_text, write_json, write_yaml
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,6 @@ def grid(study: Study, output: str | Path) -> list[Cell]:
 
 
 def _deep_merge(*layers: dict[str, Any]) -> dict[str, Any]:
-    from .cli import deep_merge
 
     merged: dict[str, Any] = {}
     for layer in layers:
@@ -207,7 +207,6 @@ def _with_checkpoints(cfg):
 
 def make_cells(study: Study, output: str | Path) -> list[Cell]:
     """Every (run, category, seed) cell with its resolved config; config mistakes are raised before any run."""
-    from .cli import UsageError, make_config
 
     study.validate()
     cells, root = [], study.data_root()
@@ -227,19 +226,19 @@ def make_cells(study: Study, output: str | Path) -> list[Cell]:
 
 def cell_status(run_dir: Path) -> str:
     """``done`` (metrics.json), ``failed`` (failed.json), ``partial`` (a checkpoint to resume) or ``pending``."""
-    from .engine import CHECKPOINT_DIR, METRICS_FILE
+    from .run import METRICS_FILE, checkpoint_step
 
     if (run_dir / METRICS_FILE).is_file():
         return "done"
     if (run_dir / FAILED_FILE).is_file():
         return "failed"
-    if (run_dir / CHECKPOINT_DIR / "state.pt").is_file():
+    if checkpoint_step(run_dir) is not None:
         return "partial"
     return "pending"
 
 
 def _saved_config_matches(cell: Cell) -> bool:
-    from .engine import read_run_config
+    from .run import read_run_config
 
     try:
         return read_run_config(cell.run_dir) == cell.config
@@ -276,13 +275,11 @@ def run_cell(cell: Cell, fit: Callable | None = None) -> dict[str, Any]:
 
 
 def _clear_partial(run_dir: Path) -> None:
-    # A fresh start must not append to an old log or keep a checkpoint of another configuration
+    # A fresh start must not append to an old log or keep a checkpoint of another configuration: the cell's
+    # folder is the study's own, so a cell that starts afresh starts from an empty folder
     import shutil
 
-    from .engine import CHECKPOINT_DIR, LOG_FILE
-
-    (run_dir / LOG_FILE).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _record_failure(cell: Cell, err: BaseException) -> dict[str, Any]:
@@ -400,7 +397,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def cell_row(cell: Cell) -> dict[str, Any]:
     """One tidy row: identity, status, error, timing and every metric of the cell."""
-    from .engine import METRICS_FILE
+    from .run import METRICS_FILE
 
     status = cell_status(cell.run_dir)
     row: dict[str, Any] = {"run": cell.run, "preset": cell.preset, "category": cell.category, "seed": cell.seed,
@@ -678,7 +675,6 @@ def study_from_options(study_file: str | None, presets: Sequence[str] | None, na
     if parsed_seeds is not None:
         data["seeds"] = parsed_seeds
     if sets:
-        from .cli import deep_merge
 
         data["overrides"] = deep_merge(data.get("overrides") or {}, parse_sets(sets))
     if baseline:

@@ -99,12 +99,14 @@ class CorruptionGenerator:
 
     @cached_property
     def textures(self) -> list[Path]:
+        from .files import is_hidden
         from .transforms import IMAGE_EXTENSIONS, DataError
 
         if self.cfg.occlusion_dir is None:
             return []
         folder = Path(self.cfg.occlusion_dir).expanduser()
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+        found = sorted(folder.rglob("*")) if folder.is_dir() else []
+        files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p)]
         if not files:
             raise DataError(f"occlusion_dir {folder} holds no images; point it at a texture folder (e.g. DTD) or "
                             "set it to null for smoothed colour noise.")

@@ -26,10 +26,12 @@ import torch
 from PIL import Image
 
 from reconad.config import DataConfig
-from reconad.data.folder import ImageDataset, SampleRecord, Views, _category_dir, _check_nonempty, _list_images, _select
+from reconad.data.dataset import ImageDataset, SampleRecord, Views, mask_policy
+from reconad.data.files import categories_with, check_nonempty, list_images, list_subdirs, require_dir, select
+from reconad.data.layouts import Layout, category_dir, register_layout, require_root
 from reconad.data.transforms import DataError, center_crop
 
-__all__ = ["LOCO_ANOMALY_TYPES", "LocoDataset", "make_loco_dataset", "write_synthetic_loco"]
+__all__ = ["LOCO_ANOMALY_TYPES", "LOCO_LAYOUT", "LocoDataset", "make_loco_dataset", "write_synthetic_loco"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +45,24 @@ _SHORT = {"structural_anomalies": "structural", "logical_anomalies": "logical"}
 
 
 def _good_records(folder: Path) -> list[SampleRecord]:
-    if not folder.is_dir():
-        raise DataError(f"Missing folder {folder}. Expected the MVTec LOCO layout: {_LAYOUT}.")
-    paths = _list_images(folder)
+    require_dir(folder, f"expected the MVTec LOCO layout: {_LAYOUT}")
+    paths = list_images(folder)
     if not paths:
         raise DataError(f"No images in {folder}. Expected the MVTec LOCO layout: {_LAYOUT}.")
     return [SampleRecord(p, None, 0, "good") for p in paths]
 
 
-def _test_records(cat_dir: Path) -> tuple[list[SampleRecord], list[Path | None]]:
+def _test_records(cat_dir: Path, use_masks: bool) -> tuple[list[SampleRecord], list[Path | None]]:
     """Test images in folder order (good, logical, structural) with their ground-truth folders."""
-    test = cat_dir / "test"
-    if not test.is_dir():
-        raise DataError(f"Missing test folder {test}. Expected the MVTec LOCO layout: {_LAYOUT}.")
+    test = require_dir(cat_dir / "test", f"the test folder; expected the MVTec LOCO layout: {_LAYOUT}")
     records, gt_dirs = [], []
-    for defect_dir in sorted((p for p in test.iterdir() if p.is_dir()), key=lambda p: p.name):
+    for defect_dir in list_subdirs(test):
         defect = defect_dir.name
-        for path in _list_images(defect_dir):
+        for path in list_images(defect_dir):
+            if not use_masks:
+                records.append(SampleRecord(path, None, int(defect != "good"), defect))
+                gt_dirs.append(None)
+                continue
             if defect == "good":
                 records.append(SampleRecord(path, None, 0, defect))
                 gt_dirs.append(None)
@@ -102,24 +105,24 @@ class LocoDataset(ImageDataset):
         *,
         seed: int = 0,
     ) -> None:
-        cat_dir = _category_dir(root, category)
+        cat_dir = category_dir(root, category, LOCO_LAYOUT)
         gt_dirs: list[Path | None]
         if split in ("train", "validation"):
             records = _good_records(cat_dir / split / "good")
             gt_dirs = [None] * len(records)
         elif split == "test":
-            records, gt_dirs = _test_records(cat_dir)
+            records, gt_dirs = _test_records(cat_dir, mask_policy(cfg) != "none")
         else:
             raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}.")
-        records, gt_dirs = _select(records, indices), _select(gt_dirs, indices)
-        _check_nonempty([r.path for r in records])
+        records, gt_dirs = select(records, indices), select(gt_dirs, indices)
+        check_nonempty([r.path for r in records])
         super().__init__(records, cfg, views, seed=seed, has_masks=any(g is not None for g in gt_dirs))
         self.root, self.category, self.split = Path(root).expanduser(), category, split
         self.gt_dirs = gt_dirs
         self.spro_fpr_limit = cfg.loco_spro_fpr_limit
         config_file = cat_dir / "defects_config.json"
         self.defects = None
-        if config_file.is_file():
+        if config_file.is_file() and mask_policy(cfg) != "none":
             from reconad.metrics import load_defects_config
 
             self.defects = load_defects_config(config_file)
@@ -215,9 +218,15 @@ def make_loco_dataset(
     cfg: DataConfig, split: str, views: Views | None, indices: Sequence[int] | None, seed: int
 ) -> LocoDataset:
     """``build_datasets`` entry for ``data.layout: loco``."""
-    if cfg.root is None or cfg.category is None:
-        raise DataError(f"data.root and data.category must be set for the MVTec LOCO layout: {_LAYOUT}.")
+    require_root(cfg.root, LOCO_LAYOUT)
     return LocoDataset(cfg.root, cfg.category, split, cfg, views, indices, seed=seed)
+
+
+def _list_loco_categories(root: Path) -> list[str]:
+    return categories_with(root, "train", "test")
+
+
+LOCO_LAYOUT = register_layout(Layout("loco", _LAYOUT, make_loco_dataset, _list_loco_categories, multi_category=False))
 
 
 # ------------------------------------------------------------------------------------------- synthetic LOCO set

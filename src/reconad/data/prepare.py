@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .transforms import IMAGE_EXTENSIONS, DataError
+from .files import list_images
+from .transforms import DataError
 
 __all__ = [
     "MNIST_CLASSES",
@@ -46,7 +47,7 @@ MNIST_CLASSES = tuple(str(d) for d in range(10))
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return list_images(folder)
 
 
 def _class_dirs(root: Path, classes: Sequence[str], what: str) -> dict[str, Path]:

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .transforms import IMAGE_EXTENSIONS, DataError, load_image
+from .files import list_images, list_subdirs
+from .transforms import DataError, load_image
 
 __all__ = [
     "CORRUPTIONS",
@@ -32,7 +33,6 @@ __all__ = [
     "default_shift_root",
     "defocus_blur",
     "disk_kernel",
-    "evaluate_shifts",
     "gaussian_noise",
     "resolve_shifts",
     "shift_table",
@@ -145,7 +145,7 @@ def _test_images(category_dir: Path) -> list[Path]:
     test = category_dir / "test"
     if not test.is_dir():
         raise DataError(f"missing test folder {test} (expected the MVTec layout <root>/<category>/test/<defect>/)")
-    return sorted(p for p in test.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [path for defect in list_subdirs(test) for path in list_images(defect)]
 
 
 def write_shifted_dataset(root: str | Path, corruptions: Sequence[str], severity: int = 3,
@@ -164,7 +164,7 @@ def write_shifted_dataset(root: str | Path, corruptions: Sequence[str], severity
     Returns:
         Corruption name → the root of its shifted dataset (same categories, same layout).
     """
-    from .folder import list_categories
+    from .layouts import list_categories
 
     root = Path(root).expanduser()
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
@@ -197,32 +197,6 @@ def _write_category(source: Path, target: Path, name: str, severity: int, seed: 
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate_shifts(run_dir: str | Path, shifts: Mapping[str, str | Path], device: str = "cpu",
-                    write: bool = True) -> dict[str, dict[str, float]]:
-    """Evaluate one trained run on its own test set (column ``clean``) and on each shifted dataset root.
-
-    Args:
-        run_dir: A run folder.
-        shifts: Column name → dataset root with the run's category in the same layout (a corrupted copy, or
-            another domain such as a PACS domain prepared by :mod:`reconad.data.prepare`).
-        device: Where to run the model.
-        write: Also write ``shift_metrics.json`` into the run folder.
-
-    Returns:
-        Column → metrics.
-    """
-    from ..checkpoint import write_json
-    from ..engine import evaluate
-
-    results = {"clean": evaluate(run_dir, None, device=device, write=False)}
-    for name, root in shifts.items():
-        results[name] = evaluate(run_dir, {"root": str(root)}, device=device, write=False)
-    if write:
-        write_json(Path(run_dir) / "shift_metrics.json",
-                   {"shifts": {k: str(v) for k, v in shifts.items()}, "metrics": results})
-    return results
-
-
 def shift_table(per_run: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str = "image_auroc"
                 ) -> list[dict[str, Any]]:
     """Rows ``{"run": name, clean: v, shift1: v, …}`` for one metric (the GNL paper's layout), plus a mean row."""

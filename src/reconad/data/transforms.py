@@ -6,6 +6,9 @@ Images are *not* normalised here; each model normalises with its own backbone's 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +17,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["DataError", "IMAGE_EXTENSIONS", "center_crop", "load_image", "load_mask", "resize_image"]
+from reconad.data.errors import DataError
+
+__all__ = [
+    "DataError",
+    "IMAGE_EXTENSIONS",
+    "center_crop",
+    "load_image",
+    "load_mask",
+    "mask_has_positive",
+    "mask_to_gray",
+    "resize_image",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +36,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", "
 """Lower-case suffixes of the image files a dataset picks up (matched case-insensitively)."""
 
 _MAX_16BIT = 65535
-
-
-class DataError(ValueError):
-    """A dataset folder or file cannot be used; the message names the path and says what to do."""
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -47,19 +57,8 @@ def load_image(path: str | Path) -> Image.Image:
         DataError: The file is missing, unreadable, truncated or of an unsupported kind.
     """
     path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode everything now, so truncated files fail here and not inside a model
-            return _to_rgb(img, path)
-    except FileNotFoundError as err:
-        raise DataError(f"Image not found: {path}. Check the dataset path or remove the entry.") from err
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-        raise DataError(
-            f"Cannot read image {path}: {err}. The file is unreadable or truncated; re-download or re-export it, "
-            "or delete it from the dataset."
-        ) from err
+    with _opened(path, "image", "Check the dataset path or remove the entry.") as img:
+        return _to_rgb(img, path)
 
 
 def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
@@ -148,9 +147,10 @@ def load_mask(
 ) -> torch.Tensor:
     """Read a ground-truth mask, resize it like the official code and binarise it.
 
-    The mask is made 8-bit grayscale (16-bit masks scaled by ``/257``), resized with PIL bilinear, scaled to
+    The mask is made 8-bit grayscale on the 0..255 scale (:func:`mask_to_gray`: intensity masks of any depth are
+    scaled by their range, label masks such as 0/1 or class ids become 0/255), resized with PIL bilinear, scaled to
     [0, 1] by ``/255`` and binarised with ``> threshold``: 0.5 for RD4AD/RD++/GNL, 0 for ReContrast (any non-zero
-    pixel). A mask stored as 0/1 labels is first promoted to 0/255, since ``/255`` would otherwise erase it.
+    pixel). An ordinary 8-bit 0/255 mask goes through exactly the official steps.
 
     Args:
         path: Mask file.
@@ -180,30 +180,96 @@ def load_mask(
 
 
 def _open_mask(path: Path) -> Image.Image:
-    """Decode a mask file to an 8-bit ``L`` image."""
+    """Decode a mask file to an 8-bit ``L`` image whose values mean ``value / 255`` (see ``mask_to_gray``)."""
+    with _opened(path, "mask", "Add the mask or check the ground-truth folder.") as img:
+        return mask_to_gray(img, path)
+
+
+def mask_has_positive(path: str | Path, threshold: float = 0.5) -> bool:
+    """Whether a mask file marks any pixel as anomalous at its own resolution (``value / 255 > threshold``)."""
+    path = Path(path)
+    return bool((np.asarray(_open_mask(path), dtype=np.float32) / 255.0 > threshold).any())
+
+
+def mask_to_gray(img: Image.Image, path: str | Path) -> Image.Image:
+    """Any mask image → 8-bit ``L`` on the official 0..255 scale, reading its values as people mean them.
+
+    The values are taken at the file's own depth (8-bit, 16-bit, 32-bit integer, float; the brightest channel of
+    colour masks; the grey levels of a grey palette, else the palette indices) and read by one rule:
+
+    - *Intensity* masks reach at least half their type's range (8-bit 0/255 as in MVTec AD, 16-bit 0/65535,
+      float 0/1, soft masks): scaled by the range onto 0..255. An 8-bit ``L`` mask is returned unchanged, so the
+      official path (bilinear resize, ``/ 255``, ``> threshold``) stays bit-identical.
+    - *Label* masks stay below half their range (0/1, class ids 1, 2, 3, VisA's ids, 16-bit masks holding 0/255)
+      or exceed it (float class ids): read as an intensity they would vanish at the default threshold, so every
+      nonzero pixel is anomalous (promoted to 255).
+
+    Raises:
+        DataError: Negative or NaN values.
+    """
+    arr, full_range = _mask_values(img)
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        raise DataError(f"Mask {path} holds NaN values; re-export it with 0 for normal and 1 or 255 for anomalous.")
+    peak = arr.max() if arr.size else 0
+    if arr.size and arr.min() < 0:
+        raise DataError(f"Mask {path} holds negative values; re-export it with 0 for normal and 255 for anomalous.")
+    if peak == 0:
+        return Image.fromarray(np.zeros(arr.shape, np.uint8))
+    if full_range / 2 <= peak <= full_range:  # intensity convention
+        if arr.dtype == np.uint8:
+            return Image.fromarray(arr)  # parity: official_code.md §1.1 (the 8-bit mask as it is)
+        return Image.fromarray(np.round(arr.astype(np.float64) * (255.0 / full_range)).astype(np.uint8))
+    logger.debug("Mask %s holds labels (max %s); every nonzero pixel is anomalous.", path, peak)
+    return Image.fromarray((arr != 0).astype(np.uint8) * 255)
+
+
+def _mask_values(img: Image.Image) -> tuple[np.ndarray, float]:
+    """The mask's values as one 2-D array and the full range of their type (255, 65535 or 1.0)."""
+    mode = img.mode
+    if mode == "L":
+        return np.asarray(img), 255.0
+    if mode == "1":
+        return np.asarray(img.convert("L")), 255.0
+    if mode == "LA":
+        return np.asarray(img.getchannel("L")), 255.0
+    if mode.startswith("I;16") or mode == "I":
+        return np.asarray(img).astype(np.int64), float(_MAX_16BIT)
+    if mode == "F":
+        return np.asarray(img, dtype=np.float64), 1.0
+    if mode in ("P", "PA"):
+        colours = np.asarray(img.convert("RGB"))
+        if (colours[..., 0] == colours[..., 1]).all() and (colours[..., 1] == colours[..., 2]).all():
+            return colours[..., 0], 255.0  # a grey palette: an L image stored compactly
+        return np.asarray(img.getchannel("P") if mode == "PA" else img).astype(np.int64), 255.0  # indices: labels
+    return np.asarray(img.convert("RGB")).max(axis=-1), 255.0  # colour masks: the brightest channel
+
+
+@contextmanager
+def _opened(path: Path, what: str, missing_advice: str) -> Iterator[Image.Image]:
+    """Open and fully decode an image file; every way it can fail becomes a DataError naming the file.
+
+    PIL's decompression-bomb *warning* (more than ``Image.MAX_IMAGE_PIXELS`` pixels) is an error here too: such a
+    file is either a mistake or an attack, and decoding it could exhaust memory.
+    """
     try:
-        with Image.open(path) as img:
-            img.load()
-            mask = _mask_to_gray(img, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode everything now, so truncated files fail here and not inside a model
+                yield img
     except FileNotFoundError as err:
-        raise DataError(f"Mask not found: {path}. Add the mask or check the ground_truth folder.") from err
+        raise DataError(f"{what.capitalize()} not found: {path}. {missing_advice}") from err
+    except IsADirectoryError as err:
+        raise DataError(f"{path} is a folder, but an {what} file is expected; rename or move the folder.") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(
+            f"{what.capitalize()} {path} is too large to decode safely ({err}). Downscale it, or, if you trust the "
+            "file, raise PIL.Image.MAX_IMAGE_PIXELS before loading."
+        ) from err
     except DataError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-        raise DataError(f"Cannot read mask {path}: {err}. The file is unreadable or truncated; re-export it.") from err
-    arr = np.asarray(mask)
-    if arr.size and arr.max() == 1:
-        # a 0/1 label mask: /255 would turn it into ~0.004 and silently drop every defect
-        logger.debug("Mask %s holds 0/1 labels; promoting to 0/255.", path)
-        mask = Image.fromarray((arr > 0).astype(np.uint8) * 255)
-    return mask
-
-
-def _mask_to_gray(img: Image.Image, path: Path) -> Image.Image:
-    if img.mode == "L":
-        return img.copy()
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        return Image.fromarray(_high_depth_to_uint8(np.asarray(img), path))
-    if img.mode in ("LA", "PA", "P", "RGBA"):
-        return img.convert("RGBA").convert("L") if img.mode != "LA" else img.getchannel("L")
-    return img.convert("L")
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise DataError(
+            f"Cannot read {what} {path}: {err}. The file is not an image, unreadable or truncated; re-download or "
+            "re-export it, or delete it from the dataset."
+        ) from err

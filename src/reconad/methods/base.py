@@ -13,6 +13,17 @@ from ..config import OptimConfig
 from ..maps import MapsConfig, anomaly_map, image_score
 
 
+@dataclass(frozen=True)
+class OfficialLayout:
+    """How an official checkpoint's keys map onto a method's modules (``reconad.load_official``)."""
+
+
+    renames: tuple[tuple[str, str], ...]
+    """(official prefix, reconad prefix), first match wins."""
+    unused: tuple[str, ...] = ()
+    """Official key prefixes with no counterpart here (never-used layers); dropped."""
+
+
 class Prediction(NamedTuple):
     anomaly_map: Tensor  # (B, 1, H, W)
     score: Tensor  # (B,)
@@ -38,7 +49,7 @@ class Method(nn.Module):
     default_backbone: ClassVar[str] = "wide_resnet50_2"
     trainable_backbone: ClassVar[bool] = False
     official_layout: ClassVar[Any] = None
-    """An ``reconad.official.OfficialLayout`` when official checkpoints of this method can be imported."""
+    """An :class:`OfficialLayout` when official checkpoints of this method can be imported."""
 
     def __init__(self, cfg: MethodConfig, backbone: nn.Module):
         super().__init__()
@@ -67,6 +78,16 @@ class Method(nn.Module):
 
     def calibrate(self, loader: Iterable[dict[str, Any]]) -> None:
         """Fit statistics after training on held-out normal images (never test data). Default: nothing."""
+
+    # -- engine services a method opts into ------------------------------------------------------------
+    def selection_interval(self) -> int | None:
+        """Batches between weight snapshots for model selection by :meth:`validation_loss` on held-out normals
+        (``reconad.engine.services``); ``None`` (default): the final weights are the model."""
+        return None
+
+    def validation_loss(self, images: Tensor) -> float:
+        """Loss on held-out normal images used to choose among snapshots (lower is better)."""
+        raise NotImplementedError(f"{self.name} does not define a validation loss")
 
     # -- training --------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any], progress: float) -> dict[str, Tensor]:

@@ -57,6 +57,12 @@ class GNLConfig(RD4ADConfig):
     match_stages: list[str] | None = None
     """Stages matched, in order; ``None`` = the first two taps (layer1 and layer2 for ResNets)."""
     match_lambda: float = 0.5
+    match_stable_sort: bool = False
+    """Sort order of tied feature values in EFDM. ``False`` (official): torch's default sort, whose order among
+    ties (a third of the post-ReLU values are exact zeros) is whatever the device's sort kernel gives, so the
+    official result depends on the device (and its sort implementation) wherever values tie. ``True``: a stable
+    sort (ties rank by position): reproducible everywhere and independent of the batch; maps then differ from the
+    official code's by up to ~3e-3 on the tied pixels."""
     match_per_image: bool = True
     """Run the encoder one image at a time when matching (the sorting and interpolation stay batched). Convolutions
     round differently at different batch sizes (~1e-6), and the rank-based matching turns such differences into
@@ -70,18 +76,19 @@ class GNLConfig(RD4ADConfig):
     k images' sorted features per channel (their 1-D Wasserstein barycentre)."""
 
 
-def efdm(x: Tensor, ref_sorted: Tensor, lam: float = 0.5) -> Tensor:
+def efdm(x: Tensor, ref_sorted: Tensor, lam: float = 0.5, stable: bool = False) -> Tensor:
     """Exact feature distribution matching of ``x`` (B, C, H, W) to per-channel sorted values (C, H·W).
 
     Each channel's sorted values ``s_x`` become ``s_x + (s_ref - s_x)·(1 - λ)`` and are put back in ``x``'s rank
-    order (argsort of the argsort). A stable sort makes ties (e.g. ReLU zeros) rank by position, so the result
-    does not depend on the batch.
+    order (argsort of the argsort). ``stable=False`` is the official default sort: tied values (e.g. ReLU zeros)
+    get the device's order; ``stable=True`` ranks ties by position, so the result does not depend on the batch.
     """
     b, c, h, w = x.shape
     if ref_sorted.shape != (c, h * w):
         raise ValueError(f"reference features {tuple(ref_sorted.shape)} do not fit features {(c, h * w)} "
                          "(the reference must have the test images' size; re-fit it with prepare/set_reference)")
-    values, index = torch.sort(x.reshape(b, c, h * w), dim=-1, stable=True)
+    # parity: official_code.md §5.4 — EFDM_test sorts with torch's default (unstable) sort
+    values, index = torch.sort(x.reshape(b, c, h * w), dim=-1, stable=stable)
     # parity: official_code.md §5.4 — EFDM_test: lamda = 1 - lamda; s_x + (s_r - s_x)·lamda; gather(argsort(idx))
     matched = values + (ref_sorted.to(values.dtype).unsqueeze(0) - values) * (1 - lam)
     return matched.gather(-1, index.argsort(-1)).reshape(b, c, h, w)
@@ -203,7 +210,8 @@ class GNL(RD4AD):
         if stage not in self.match_stages:
             return x
         # parity: official_code.md §5.4 — match layer1, then layer2 computed from the matched layer1; not layer3
-        return efdm(x, getattr(self, f"ref_sorted_{self.match_stages.index(stage)}_"), self.cfg.match_lambda)
+        return efdm(x, getattr(self, f"ref_sorted_{self.match_stages.index(stage)}_"), self.cfg.match_lambda,
+                    self.cfg.match_stable_sort)
 
     def encode(self, images: Tensor, match: bool | None = None) -> list[Tensor]:
         """Encoder taps; with matching (default: ``cfg.match``) the matched stages are EFDM'd to the reference."""

@@ -10,9 +10,8 @@ from torch import Tensor, nn
 from ..config import OptimConfig
 from ..losses import global_cosine, regional_cosine, summed_over_levels
 from ..nets.rd import OCBE, BlockType, Decoder, default_arch
-from ..official import OfficialLayout
 from ..registry import register_method
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, OfficialLayout
 
 
 @dataclass

@@ -19,9 +19,8 @@ from ..data.noise import SimplexNoisePatch
 from ..losses import summed_over_levels
 from ..maps import cosine_distance_map
 from ..nets.rd import MultiProjectionLayer
-from ..official import OfficialLayout
 from ..registry import register_method
-from .base import Method
+from .base import Method, OfficialLayout
 from .rd4ad import LOSSES, RD4ADConfig, build_rd_student
 
 # parity: official_code.md §3.3 — L_proj = (ssot + 0.01·recon + 0.1·contrast) / 1.11
@@ -122,7 +121,8 @@ class RDPP(Method):
         from ..data.folder import seeded_rngs
 
         with seeded_rngs(int(torch.randint(0, 2**31 - 1, ())), 0, 0):
-            return super().training_batch(images)
+            # the whole batch at once, on the images' device: equal to stacking train_views image by image
+            return {"image": images, "noisy": self.noise.batch(images)}
 
     def pairs(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
         feats = self.encode(images)  # [(B, c_k, H_k, W_k)] — the map uses the unprojected features

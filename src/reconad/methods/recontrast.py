@@ -31,9 +31,8 @@ from torch import Tensor, nn
 
 from ..config import OptimConfig
 from ..losses import hard_mining_mask, mask_gradient, summed_over_levels
-from ..official import OfficialLayout
 from ..registry import register_method
-from .base import Method
+from .base import Method, OfficialLayout
 from .rd4ad import LOSSES, RD4ADConfig, build_rd_student
 
 Pairs = list[tuple[Tensor, Tensor]]

@@ -147,9 +147,6 @@ class SSLAE(Method):
         self.corrupter = CorruptionGenerator(cfg.corruption)
         self.register_buffer("pixel_var_", torch.tensor(-1.0, dtype=torch.float64))
         self.register_buffer("avgmap_", torch.zeros(0))
-        self._snapshots: list[tuple[int, dict[str, Tensor]]] = []
-        self._calls = 0
-        self.selection: dict[str, Any] = {}
 
     # -- data ------------------------------------------------------------------------------------------------
     def train_views(self, image: Tensor) -> dict[str, Tensor]:
@@ -208,7 +205,6 @@ class SSLAE(Method):
         return segment_objective(recon, clean, corrupted, mask, c.lam, c.norm, c.eps)
 
     def loss(self, batch: dict[str, Any], progress: float) -> dict[str, Tensor]:
-        self._maybe_snapshot()
         fraction = self.crop_fraction(progress)
         clean, corrupted, mask = self.crop(batch, fraction)
         total, outside, inside = self.objective(self.net(corrupted), clean, corrupted, mask)
@@ -218,16 +214,10 @@ class SSLAE(Method):
     def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
         return [{"params": list(self.net.parameters()), "lr": optim.lr, "name": "autoencoder"}]
 
-    # -- early stopping of objective (4), method-side ------------------------------------------------------------
-    def _early_stopping(self) -> bool:
-        return self.cfg.objective == 4 and self.cfg.early_stopping
-
-    def _maybe_snapshot(self) -> None:
-        """Keep the weights every ``val_every`` batches (CPU copies); :meth:`calibrate` picks the best on V."""
-        if self._early_stopping() and self._calls and self._calls % self.cfg.val_every == 0:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
-            self._snapshots.append((self._calls, state))
-        self._calls += 1
+    # -- early stopping of objective (4): the engine's snapshot service (reconad.engine.services) -----------
+    def selection_interval(self) -> int | None:
+        """Snapshots every ``val_every`` batches when objective (4) stops early; the engine keeps the best on V."""
+        return self.cfg.val_every if self.cfg.objective == 4 and self.cfg.early_stopping else None
 
     @torch.no_grad()
     def validation_loss(self, images: Tensor) -> float:
@@ -242,31 +232,14 @@ class SSLAE(Method):
             total += float(self.objective(self.net(corrupted), clean, corrupted, mask)[0])
         return total / max(1, len(images))
 
-    def _select_snapshot(self, images: Tensor) -> None:
-        current = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
-        candidates = [*self._snapshots, (self._calls, current)]
-        losses = []
-        for _, state in candidates:
-            self.net.load_state_dict(state)
-            losses.append(self.validation_loss(images))
-        best = int(np.argmin(losses))
-        self.net.load_state_dict(candidates[best][1])
-        self.selection = {"batch": candidates[best][0], "val_loss": losses[best],
-                          "history": [(s, v) for (s, _), v in zip(candidates, losses)]}
-        log.info("ssl_ae early stopping: kept the weights after %d batches (held-out L4 %.5f)",
-                 candidates[best][0], losses[best])
-        self._snapshots = []
-
     # -- calibration and inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def calibrate(self, loader: Iterable[dict[str, Any]]) -> None:
-        """On held-out training normals V: early stopping of objective (4), then the object prior's mean map."""
+        """On held-out training normals V: the object prior's mean map (early stopping ran before, in the engine)."""
         was_training = self.training
         self.eval()
         try:
             images = torch.cat([batch["image"] for batch in loader])
-            if self._early_stopping():
-                self._select_snapshot(images)
             if self.cfg.prior:
                 device = next(self.net.parameters()).device
                 maps = [self.smoothed_map(chunk.to(device)) for chunk in images.split(8)]

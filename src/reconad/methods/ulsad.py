@@ -23,9 +23,8 @@ from torch import Tensor, nn
 from ..losses import mse_cosine_map
 from ..maps import MapsConfig, fuse, gaussian_blur, image_score, upsample
 from ..nets.ulsad import ConvAutoEncoder, FeatAE, aggregate_features, attention
-from ..official import OfficialLayout
 from ..registry import register_method
-from .base import Method, MethodConfig, Prediction
+from .base import Method, MethodConfig, OfficialLayout, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +43,14 @@ class ULSADConfig(MethodConfig):
     """ULSAD settings; the defaults reproduce the official code (official_code.md §4)."""
 
     maps: MapsConfig = field(default_factory=_ulsad_maps)
-    feature_dim: int = 384
-    """Channels of T after channel pooling (official: 1536 → 384); the FRN and AE widths follow it."""
+    feature_dim: int | None = None
+    """Channels of T after channel pooling; the FRN and AE widths follow it. ``None`` derives it from the backbone
+    as the official code's ratio does: ``Σ channels of the aggregated taps // feature_pool`` (WRN50-2 layer2 +
+    layer3: 1536 // 4 = 384, the official value; EfficientNet-Lite0 blocks.2 + blocks.4: (40 + 112) // 4 = 38).
+    An int fixes the width whatever the backbone (a 384-wide FRN on taps of a few dozen channels is ~6× slower
+    per step and no better)."""
+    feature_pool: int = 4
+    """Channels averaged into one by the derived width (official: 1536 → 384, i.e. 4)."""
     n_levels: int = 2
     """Aggregate the last ``n_levels`` backbone taps (official: layer2 + layer3 of WRN50-2)."""
     lambda_local: float = 0.5
@@ -96,7 +101,7 @@ class ULSAD(Method):
         if len(backbone.feature_info) < cfg.n_levels:
             raise ValueError(f"ULSAD aggregates the last {cfg.n_levels} taps but the backbone has "
                              f"{len(backbone.feature_info)}; set --backbone.taps (official: layer2 layer3)")
-        c = cfg.feature_dim
+        self.feature_dim = c = derived_feature_dim(backbone, cfg)
         self.frn = FeatAE(c)
         self.global_ae = ConvAutoEncoder(c)
         self.register_buffer("feat_mean_", torch.zeros(1, c, 1, 1))
@@ -116,7 +121,7 @@ class ULSAD(Method):
     def aggregated(self, normalized: Tensor) -> Tensor:
         """Aggregated, not yet standardised backbone features (B, C, h, w), §4.2."""
         taps = self.backbone(normalized)[-self.cfg.n_levels:]
-        return aggregate_features(taps, self.cfg.feature_dim)
+        return aggregate_features(taps, self.feature_dim)
 
     def features(self, normalized: Tensor) -> Tensor:
         """T: aggregated features standardised per channel (no ε, §4.2). No gradient flows into it."""
@@ -191,7 +196,7 @@ class ULSAD(Method):
 
     # -- training ----------------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any], progress: float) -> dict[str, Tensor]:
-        c, cfg = self.cfg.feature_dim, self.cfg
+        c, cfg = self.feature_dim, self.cfg
         if self.training and batch["image"].shape[0] < 2:
             # the AE's enc6 output is 1 × 1, so its train-mode BatchNorm needs at least 2 images
             raise ValueError("ULSAD cannot train on a batch of 1 image (BatchNorm over the global AE's 1×1 code); "
@@ -207,7 +212,7 @@ class ULSAD(Method):
     # -- inference ---------------------------------------------------------------------------------------------
     def pairs(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
         """(T, R_local) and (A, R_global); their distance is ULSAD's ``mse + 0.5·(1 - cos)``, see :meth:`forward`."""
-        c = self.cfg.feature_dim
+        c = self.feature_dim
         t, r, a = self.branches(images)
         return [(t, r[:, :c]), (a, r[:, c:])]
 
@@ -231,6 +236,18 @@ class ULSAD(Method):
     def _blur(self, maps: Tensor) -> Tensor:
         m = self.cfg.maps
         return gaussian_blur(maps, m.sigma, m.truncate, m.padding)
+
+
+def derived_feature_dim(backbone: nn.Module, cfg: ULSADConfig) -> int:
+    """``cfg.feature_dim``, or when ``None`` the official pooling ratio applied to the aggregated taps (≥ 1)."""
+    if cfg.feature_dim is not None:
+        if cfg.feature_dim < 1:
+            raise ValueError(f"model.feature_dim must be a positive number of channels, got {cfg.feature_dim}")
+        return int(cfg.feature_dim)
+    if cfg.feature_pool < 1:
+        raise ValueError(f"model.feature_pool must be >= 1, got {cfg.feature_pool}")
+    total = sum(t.channels for t in backbone.feature_info[-cfg.n_levels:])
+    return max(1, total // cfg.feature_pool)
 
 
 def attention_loss(t: Tensor, a: Tensor, weight: float) -> Tensor:

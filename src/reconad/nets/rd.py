@@ -38,6 +38,11 @@ def deconv2x2(in_ch: int, out_ch: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(in_ch, out_ch, kernel_size=2, stride=2, bias=False)
 
 
+def activation(act: type[nn.Module]) -> nn.Module:
+    """``act()``, in place where that is possible (ReLU: saves a copy per call; autograd needs only its output)."""
+    return act(inplace=True) if act in (nn.ReLU, nn.LeakyReLU) else act()
+
+
 def rescaling_conv(in_ch: int, out_ch: int, scale: float) -> nn.Module:
     """2×2 stride-2 transposed conv (scale 2), 3×3 stride-2 conv (scale 0.5) or 3×3 conv (scale 1)."""
     return deconv2x2(in_ch, out_ch) if scale == 2 else conv3x3(in_ch, out_ch, stride=2 if scale < 1 else 1)
@@ -68,15 +73,15 @@ class Bottleneck(_ResidualBlock):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, out_ch)
         self.bn3 = nn.BatchNorm2d(out_ch)
-        self.relu = act()
+        self.relu = activation(act)
         self._set_shortcut(scale, shortcut)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        identity = self._shortcut(x)
-        return self.relu(out + identity)
+        out += self._shortcut(x)  # in place, as the official blocks: BN's backward needs its input, not its output
+        return self.relu(out)
 
 
 class BasicBlock(_ResidualBlock):
@@ -88,7 +93,7 @@ class BasicBlock(_ResidualBlock):
         del width  # basic blocks have no inner width
         self.conv1 = rescaling_conv(in_ch, out_ch, scale)
         self.bn1 = nn.BatchNorm2d(out_ch)
-        self.relu = act()
+        self.relu = activation(act)
         self.conv2 = conv3x3(out_ch, out_ch)
         self.bn2 = nn.BatchNorm2d(out_ch)
         self._set_shortcut(scale, shortcut)
@@ -96,8 +101,8 @@ class BasicBlock(_ResidualBlock):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        identity = self._shortcut(x)
-        return self.relu(out + identity)
+        out += self._shortcut(x)  # in place (see Bottleneck)
+        return self.relu(out)
 
 
 BLOCKS: dict[str, type[nn.Module]] = {"bottleneck": Bottleneck, "basic": BasicBlock}
@@ -241,7 +246,7 @@ class ProjLayer(nn.Module):
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1), nn.InstanceNorm2d(c_out),
-                       nn.LeakyReLU()]
+                       nn.LeakyReLU(inplace=True)]
         self.proj = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -31,6 +31,9 @@ def aggregate_features(taps: Sequence[Tensor], out_channels: int) -> Tensor:
     feats = [taps[0]] + [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in taps[1:]]
     x = torch.cat(feats, dim=1)  # (B, ΣC, H, W)
     b, c, h, w = x.shape
+    if c % out_channels == 0:
+        # equal runs of c / out_channels channels: adaptive pooling is their mean, taken without transposing
+        return x.view(b, out_channels, c // out_channels, h, w).mean(2)
     x = x.permute(0, 2, 3, 1).reshape(b * h * w, 1, c)  # channels as a 1-D signal per pixel
     x = F.adaptive_avg_pool1d(x, out_channels)
     return x.reshape(b, h, w, out_channels).permute(0, 3, 1, 2).contiguous()
@@ -64,13 +67,13 @@ class FeatAE(nn.Module):
                 nn.init.xavier_uniform_(m.weight, gain=gain)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))  # (B, 2C, H/2, W/2)
-        x = F.relu(self.bn2(self.conv2(x)))  # (B, 4C, H/4, W/4)
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)  # (B, 2C, H/2, W/2)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)  # (B, 4C, H/4, W/4)
         x = self.bn3(self.conv3(x))  # parity: official_code.md §4.3 — no ReLU after e3
-        x = F.relu(self.bn4(self.deconv1(x)))  # (B, 2C, H/2, W/2)
-        x = F.relu(self.bn5(self.deconv2(x)))  # (B, C, H, W)
+        x = F.relu(self.bn4(self.deconv1(x)), inplace=True)  # (B, 2C, H/2, W/2)
+        x = F.relu(self.bn5(self.deconv2(x)), inplace=True)  # (B, C, H, W)
         # parity: official_code.md §4.3 — the final ReLU makes R >= 0 although T is standardised
-        return F.relu(self.bn6(self.deconv3(x)))  # (B, 2C, H, W)
+        return F.relu(self.bn6(self.deconv3(x)), inplace=True)  # (B, 2C, H, W)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -107,12 +110,12 @@ class ConvAutoEncoder(nn.Module):
     def forward(self, x: Tensor, out_size: tuple[int, int] = (32, 32)) -> Tensor:
         """(B, 3, 256, 256) normalised images → (B, C_out, *out_size)."""
         for i in range(1, 7):
-            x = F.relu(getattr(self, f"bn2d{i}")(getattr(self, f"enconv{i}")(x)))  # → (B, 64, 1, 1)
+            x = F.relu(getattr(self, f"bn2d{i}")(getattr(self, f"enconv{i}")(x)), inplace=True)  # → (B, 64, 1, 1)
         for i, size in enumerate(self.sizes, start=1):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            x = F.relu(getattr(self, f"bn2d{i + 6}")(getattr(self, f"deconv{i}")(x)))  # (B, 64, size+1, size+1)
+            x = F.relu(getattr(self, f"bn2d{i + 6}")(getattr(self, f"deconv{i}")(x)), inplace=True)  # (B, 64, s+1, s+1)
         x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
-        x = F.relu(self.bn2d12(self.deconv7(x)))
+        x = F.relu(self.bn2d12(self.deconv7(x)), inplace=True)
         return self.deconv8(x)  # (B, C_out, *out_size)
 
 

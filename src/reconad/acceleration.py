@@ -1,0 +1,118 @@
+"""Fast inference switches that change numbers slightly: conv–BN folding, channels_last, bf16/fp16 autocast,
+torch.compile. Each is off by default (``EvalConfig``); ``benchmarks/speed.py`` reports the speed of each next
+to its measured max |Δ| of the maps against the float32 path (docs/performance.md).
+
+The engine calls :func:`apply_inference_speedups` once on a model that is only used for inference (evaluation,
+prediction, serving) after it is loaded and moved to its device; nothing here chooses a device.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode BatchNorm into the conv before it, in place: ``bn(conv(x)) == conv'(x)`` up to rounding.
+
+    ``W' = W·γ/√(σ²+ε)`` per output channel, ``b' = (b − μ)·γ/√(σ²+ε) + β`` (``torch.nn.utils.fusion``).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        bn.weight if bn.affine else None, bn.bias if bn.affine else None)
+    conv.weight, conv.bias = weight, bias
+
+
+def _without_norm(bn: nn.BatchNorm2d) -> nn.Module:
+    """What is left of a folded BN: nothing, or timm's activation (+ drop) of a ``BatchNormAct2d``."""
+    rest = [m for name in ("drop", "act") if isinstance(m := getattr(bn, name, None), nn.Module)]
+    rest = [m for m in rest if not isinstance(m, nn.Identity)]
+    return nn.Sequential(*rest) if rest else nn.Identity()
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every eval-mode ``BatchNorm2d`` registered right after a ``Conv2d`` in the same parent, in place.
+
+    Registration order is the call order in torchvision ResNets (``convK``/``bnK``, ``downsample``) and timm
+    EfficientNets (``conv_dw``/``bn1``, ``conv_pw``/``bn2``, ``BatchNormAct2d`` keeping its activation). Only
+    valid for a module that stays in eval mode (running statistics are baked in). Returns the number folded.
+    """
+    if module.training:
+        raise ValueError("fold_batchnorm needs a module in eval mode (it bakes in the running statistics)")
+    folded = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for (_, prev), (name, child) in zip(children, children[1:]):
+            if (type(prev) is not nn.ConvTranspose2d and isinstance(prev, nn.Conv2d)
+                    and isinstance(child, nn.BatchNorm2d) and child.track_running_stats
+                    and child.num_features == prev.out_channels):
+                with torch.no_grad():
+                    fold_conv_bn(prev, child)
+                setattr(parent, name, _without_norm(child))
+                folded += 1
+    return folded
+
+
+def frozen_encoders(method: nn.Module) -> list[nn.Module]:
+    """The method's encoders that inference runs without training: ``backbone`` and ReContrast's twin."""
+    return [m for name in ("backbone", "frozen_backbone") if isinstance(m := getattr(method, name, None), nn.Module)]
+
+
+def _wrap_forward(method: nn.Module, context: Callable[[], AbstractContextManager]) -> None:
+    original = method.forward
+
+    @functools.wraps(original)
+    def forward(images: Tensor, *args: Any, **kwargs: Any):
+        with context():
+            out = original(images, *args, **kwargs)
+        # maps and scores leave in float32 whatever the compute dtype
+        return type(out)(*(t.float() for t in out)) if isinstance(out, tuple) else out
+
+    method.forward = forward
+
+
+def _channels_last_inputs(_module: nn.Module, args: tuple) -> tuple:
+    images, *rest = args
+    return (images.contiguous(memory_format=torch.channels_last), *rest)
+
+
+def apply_inference_speedups(method: nn.Module, cfg: Any) -> dict[str, Any]:
+    """Apply the fast switches of an ``EvalConfig``-like ``cfg`` to ``method`` (in place, inference only).
+
+    ``cfg.fold_bn``: fold the frozen encoders' BatchNorms into their convs. ``cfg.channels_last``: NHWC weights and
+    inputs. ``cfg.precision`` ``"bf16-mixed"`` / ``"16-mixed"``: autocast around ``forward`` (maps returned in
+    float32). ``cfg.compile``: ``torch.compile`` of ``forward``. The method is put in eval mode; train it no further.
+    Returns what was applied (for the run log / metrics).
+    """
+    applied: dict[str, Any] = {}
+    method.eval()
+    if getattr(cfg, "fold_bn", False):
+        applied["fold_bn"] = sum(fold_batchnorm(encoder) for encoder in frozen_encoders(method))
+    if getattr(cfg, "channels_last", False):
+        method.to(memory_format=torch.channels_last)
+        method.register_forward_pre_hook(_channels_last_inputs)
+        applied["channels_last"] = True
+    precision = getattr(cfg, "precision", "32-true")
+    if precision in AUTOCAST_DTYPES:
+        device = next(method.parameters()).device.type
+
+        def context() -> AbstractContextManager:
+            return torch.autocast(device, dtype=AUTOCAST_DTYPES[precision])
+
+        _wrap_forward(method, context)
+        applied["precision"] = precision
+    elif precision != "32-true":
+        raise ValueError(f"eval.precision must be '32-true', 'bf16-mixed' or '16-mixed', got {precision!r}")
+    if getattr(cfg, "compile", False):
+        method.forward = torch.compile(method.forward)
+        applied["compile"] = True
+    return applied
+

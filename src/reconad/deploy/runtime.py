@@ -1,0 +1,248 @@
+"""The torch-free runtime: ``Detector(export_dir)`` needs onnxruntime, numpy and pillow only.
+
+Nothing here imports torch (``tests/test_deploy.py`` imports this module with torch blocked). Preprocessing
+repeats the training pipeline (``reconad.data.load_image`` + ``resize_image``) in numpy/PIL; a test checks that
+both give the same tensors on odd-sized, grayscale, palette and 16-bit inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ReconadError
+from .calibration import Calibration, load_calibration
+
+__all__ = ["EXPORT_FILE", "Detector", "DetectorResult", "ExportError", "ImageInput", "load_rgb", "make_result",
+           "threshold_source",
+           "preprocess", "resize_rgb"]
+
+EXPORT_FILE = "export.json"
+ImageInput = Any  # a path, a PIL image or an (H, W[, C]) uint8/uint16 array
+
+
+class ExportError(ReconadError):
+    """An export cannot be made, verified or opened; the message names the step and what to do."""
+
+
+# -- preprocessing (== reconad.data.transforms, without torch) --------------------------------------------------
+def _high_depth_to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
+    if arr.dtype.kind == "f":
+        if arr.size and (np.nanmin(arr) < 0.0 or np.nanmax(arr) > 1.0):
+            raise ReconadError(f"float image {where} has values outside [0, 1]; rescale it to [0, 1] or 8/16-bit")
+        return np.round(np.nan_to_num(arr) * 255.0).astype(np.uint8)
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise ReconadError(f"integer image {where} has values outside 0..65535; save it as 8- or 16-bit")
+    return np.round(arr.astype(np.float64) / 257.0).astype(np.uint8)
+
+
+def _pil_to_rgb(img: Image.Image, where: str) -> Image.Image:
+    """The conversions of ``reconad.data.load_image`` (alpha dropped, 16-bit scaled by /257, palette expanded)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode in ("L", "1"):
+        return img.convert("L").convert("RGB")
+    if mode == "LA":
+        return img.getchannel("L").convert("RGB")
+    if mode in ("P", "PA"):
+        return img.convert("RGBA").convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_high_depth_to_uint8(np.asarray(img), where)).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(image: ImageInput) -> Image.Image:
+    """An 8-bit RGB PIL image from a path, a PIL image, or an array (H×W gray, H×W×3 RGB, H×W×4 RGBA; uint8 or
+    uint16, 16-bit scaled by /257 as the training loader does)."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return _pil_to_rgb(img, str(path))
+        except FileNotFoundError as err:
+            raise ReconadError(f"image not found: {path}") from err
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+            raise ReconadError(f"cannot read image {path}: {err}; re-export or remove the file") from err
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image, "(PIL image)")
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        if arr.dtype != np.uint8:
+            arr = _high_depth_to_uint8(arr, "(array)")
+        return Image.fromarray(np.ascontiguousarray(arr[..., :3]), "RGB")
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
+        arr = arr.reshape(arr.shape[:2])
+        gray = arr if arr.dtype == np.uint8 else _high_depth_to_uint8(arr, "(array)")
+        return Image.fromarray(gray, "L").convert("RGB")
+    raise ReconadError(f"an image array must be H×W, H×W×3 or H×W×4, got shape {arr.shape}")
+
+
+def _cv2_linear_weights(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and float32 weights of OpenCV's INTER_LINEAR (half-pixel centres, clamped at borders)."""
+    scale = src / dst
+    pos = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
+    lo = np.floor(pos).astype(np.int64)
+    frac = (pos - lo).astype(np.float32)
+    frac[lo < 0] = 0.0
+    lo = np.clip(lo, 0, src - 1)
+    frac[lo >= src - 1] = 0.0
+    return lo, np.minimum(lo + 1, src - 1), frac.astype(np.float64)
+
+
+def _resize_cv2_like(arr: np.ndarray, size: int) -> np.ndarray:
+    """``cv2.resize(arr, (size, size), INTER_LINEAR)`` on a float64 (H, W, 3) array, in numpy."""
+    y0, y1, fy = _cv2_linear_weights(arr.shape[0], size)
+    x0, x1, fx = _cv2_linear_weights(arr.shape[1], size)
+    rows = arr[:, x0] * (1.0 - fx)[None, :, None] + arr[:, x1] * fx[None, :, None]
+    return rows[y0] * (1.0 - fy)[:, None, None] + rows[y1] * fy[:, None, None]
+
+
+def _center_crop(arr: np.ndarray, crop: int | None) -> np.ndarray:
+    if crop is None:
+        return arr
+    h, w = arr.shape[-2:]
+    if crop > h or crop > w:
+        raise ReconadError(f"crop_size {crop} is larger than the resized image ({h}x{w})")
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    return arr[..., top:top + crop, left:left + crop]
+
+
+def resize_rgb(img: Image.Image, size: int, resize: str = "pil", crop_size: int | None = None) -> np.ndarray:
+    """float32 (3, S, S) in [0, 1], as ``reconad.data.resize_image`` (``"pil"``: PIL bilinear; ``"cv2"``: OpenCV
+    INTER_LINEAR on float64, reproduced in numpy)."""
+    if resize == "pil":
+        arr = np.asarray(img.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1).astype(np.float32) / 255.0
+    elif resize == "cv2":
+        arr = _resize_cv2_like(np.asarray(img).astype(np.float64) / 255.0, size).transpose(2, 0, 1)
+        arr = arr.astype(np.float32)
+    else:
+        raise ReconadError(f"unknown resize rule {resize!r} in the export metadata; use 'pil' or 'cv2'")
+    return np.ascontiguousarray(_center_crop(arr, crop_size))
+
+
+def preprocess(image: ImageInput, size: int, resize: str = "pil", crop_size: int | None = None) -> np.ndarray:
+    return resize_rgb(load_rgb(image), size, resize, crop_size)
+
+
+# -- results ----------------------------------------------------------------------------------------------------
+@dataclass
+class DetectorResult:
+    """One image's prediction. Without calibration the decision fields are ``None`` (never invented)."""
+
+    anomaly_map: np.ndarray
+    """(H, W) float32 at the model's input size."""
+    score: float
+    normalised_score: float | None
+    normalised_map: np.ndarray | None
+    label: str | None
+    threshold: float | None
+    mask: np.ndarray | None
+    """(H, W) bool: pixels above the pixel threshold."""
+
+
+def make_result(anomaly_map: np.ndarray, score: float, calibration: Calibration | None,
+                threshold: float | None = None) -> DetectorResult:
+    """A :class:`DetectorResult`; ``threshold`` overrides the calibration's image threshold (a raw score)."""
+    amap = np.asarray(anomaly_map, dtype=np.float32)
+    score = float(score)
+    if calibration is None and threshold is None:
+        return DetectorResult(amap, score, None, None, None, None, None)
+    limit = threshold if threshold is not None else calibration.image_threshold
+    label = "anomalous" if score > limit else "normal"
+    if calibration is None:
+        return DetectorResult(amap, score, None, None, label, limit, None)
+    nmap = mask = None
+    if calibration.pixel_threshold is not None:
+        nmap = calibration.normalise_map(amap)
+        mask = amap > calibration.pixel_threshold
+    return DetectorResult(amap, score, float(calibration.normalise_score(score)), nmap, label, limit, mask)
+
+
+def read_export_metadata(export_dir: str | Path) -> dict[str, Any]:
+    path = Path(export_dir) / EXPORT_FILE
+    if not path.is_file():
+        raise ExportError(f"{export_dir} is not a reconad export (no {EXPORT_FILE}); make one with "
+                          "`reconad export RUN --output DIR`")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ExportError(f"{path} is not valid JSON ({err}); export the run again") from err
+
+
+def export_calibration(export_dir: str | Path, metadata: dict[str, Any]) -> Calibration | None:
+    """``calibration.json`` in the export folder when present (a changed threshold), else export.json's copy."""
+    calibration = load_calibration(export_dir)
+    if calibration is None and metadata.get("calibration"):
+        calibration = Calibration.from_dict(metadata["calibration"])
+    return calibration
+
+
+class Detector:
+    """An ONNX export run by onnxruntime: ``predict(image)`` → :class:`DetectorResult`. No torch needed.
+
+    Args:
+        export_dir: A folder written by ``reconad export RUN --format onnx``.
+        providers: onnxruntime execution providers (default: CPU).
+        threads: intra-op threads of onnxruntime (default: its own choice).
+        batch_size: Images per model call in :meth:`predict_batch`.
+    """
+
+    def __init__(self, export_dir: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
+                 batch_size: int = 8):
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise ExportError("the runtime needs onnxruntime: pip install 'reconad[deploy]'") from err
+        self.export_dir = Path(export_dir)
+        self.metadata = read_export_metadata(self.export_dir)
+        if self.metadata.get("format") != "onnx":
+            raise ExportError(f"{export_dir} holds a {self.metadata.get('format')} export; Detector runs ONNX "
+                              "exports (`reconad export RUN --format onnx`)")
+        self.calibration = export_calibration(self.export_dir, self.metadata)
+        self.metadata["threshold"] = self.calibration.image_threshold if self.calibration else None
+        self.metadata["threshold_source"] = threshold_source(self.calibration)
+        self.image_size = int(self.metadata["image_size"])
+        self.batch_size = batch_size
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        model = self.export_dir / self.metadata["model_file"]
+        self.session = ort.InferenceSession(str(model), options, providers=list(providers or ["CPUExecutionProvider"]))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def preprocess(self, image: ImageInput) -> np.ndarray:
+        m = self.metadata
+        return preprocess(image, int(m["resize_size"]), m["resize"], m.get("crop_size"))
+
+    def run(self, images01: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw model call: (B, 3, H, W) float32 in [0, 1] → maps (B, 1, H, W), scores (B,)."""
+        maps, scores = self.session.run(None, {self.input_name: np.ascontiguousarray(images01, np.float32)})
+        return maps, scores
+
+    def predict_batch(self, images: Sequence[ImageInput], threshold: float | None = None) -> list[DetectorResult]:
+        out: list[DetectorResult] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = np.stack([self.preprocess(img) for img in images[start:start + self.batch_size]])
+            maps, scores = self.run(batch)
+            out += [make_result(m[0], s, self.calibration, threshold) for m, s in zip(maps, scores)]
+        return out
+
+    def predict(self, image: ImageInput, threshold: float | None = None) -> DetectorResult:
+        return self.predict_batch([image], threshold)[0]
+
+
+def threshold_source(calibration: Calibration | None) -> str | None:
+    if calibration is None:
+        return None
+    far = f"{calibration.far:g}" if calibration.far is not None and math.isfinite(calibration.far) else "?"
+    return f"conformal FAR {far} on {calibration.n_images} normal images ({calibration.source})"

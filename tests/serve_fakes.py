@@ -1,0 +1,76 @@
+"""A predictor with the shape of ``reconad.deploy.open_predictor``'s, for the HTTP and page tests."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class FakeResult:
+    anomaly_map: np.ndarray
+    score: float
+    normalised_score: float | None
+    normalised_map: np.ndarray | None
+    label: str | None
+    threshold: float | None
+    mask: np.ndarray | None
+
+
+class FakeCalibration:
+    """Min-max normalisation with the threshold at 0.5 (as the deployment calibration does)."""
+
+    def __init__(self, image_threshold: float = 0.5, lo: float = 0.0):
+        self.image_threshold, self.lo = image_threshold, lo
+
+    def normalise_score(self, x):
+        return 0.5 * (np.asarray(x, np.float64) - self.lo) / (self.image_threshold - self.lo)
+
+    def normalise_map(self, m):
+        return self.normalise_score(m).astype(np.float32)
+
+    def label(self, score, threshold=None):
+        return "anomalous" if score >= (self.image_threshold if threshold is None else threshold) else "normal"
+
+    def to_dict(self):
+        return {"image_threshold": self.image_threshold, "source": "fake: validation quantile"}
+
+
+class FakePredictor:
+    """Map = red channel (0..1) resized to ``image_size``; score = its maximum. Records the threads it ran on."""
+
+    def __init__(self, calibrated: bool = True, image_size: int = 16, gate: threading.Event | None = None):
+        self.calibration = FakeCalibration() if calibrated else None
+        self.image_size, self.gate = image_size, gate
+        self.metadata = {"method": "fake", "backbone": "none", "image_size": image_size,
+                         "threshold_source": "fake" if calibrated else None, "parity": {"max_abs_diff": 0.0}}
+        self.threads: set[int] = set()
+        self.batch_sizes: list[int] = []
+
+    def _map(self, image) -> np.ndarray:
+        pil = Image.fromarray(np.asarray(image, np.uint8)).resize((self.image_size, self.image_size), Image.BILINEAR)
+        return np.asarray(pil, np.float32)[..., 0] / 255.0
+
+    def predict_batch(self, images):
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.threads.add(threading.get_ident())
+        self.batch_sizes.append(len(images))
+        out = []
+        for image in images:
+            amap = self._map(image)
+            score = float(amap.max())
+            cal = self.calibration
+            if cal is None:
+                out.append(FakeResult(amap, score, None, None, None, None, None))
+            else:
+                nmap = cal.normalise_map(amap)
+                out.append(FakeResult(amap, score, float(cal.normalise_score(score)), nmap, cal.label(score),
+                                      cal.image_threshold, nmap >= 0.5))
+        return out
+
+    def predict(self, image):
+        return self.predict_batch([image])[0]

@@ -1,0 +1,87 @@
+"""Fast inference switches (reconad.acceleration): what each changes, against the float32 path."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from reconad.acceleration import apply_inference_speedups, fold_batchnorm
+from reconad.backbones import create_backbone
+from reconad.registry import create_method
+
+
+def randomise_bn_statistics(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine parameters, so that folding them is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def eval_cfg(**switches) -> SimpleNamespace:
+    return SimpleNamespace(**{"fold_bn": False, "channels_last": False, "precision": "32-true", "compile": False,
+                              **switches})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_folded_encoder_gives_the_same_features(name):
+    torch.manual_seed(0)
+    backbone = create_backbone(name, weights=None).eval()
+    randomise_bn_statistics(backbone)
+    folded = copy.deepcopy(backbone)
+    count = fold_batchnorm(folded)
+    assert count > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())  # every BN of the encoder folded
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for ref, ours in zip(backbone(x), folded(x)):
+            # float32 rounding of a reordered computation, relative to the features' scale
+            assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_fold_refuses_a_module_in_training_mode():
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train())
+
+
+def rd4ad_pair():
+    torch.manual_seed(0)
+    method = create_method("rd4ad", backbone=create_backbone("resnet18", weights=None)).eval()
+    randomise_bn_statistics(method)
+    return method, copy.deepcopy(method)
+
+
+def test_fold_and_channels_last_keep_float32_maps():
+    plain, fast = rd4ad_pair()
+    applied = apply_inference_speedups(fast, eval_cfg(fold_bn=True, channels_last=True))
+    assert applied["fold_bn"] > 0 and applied["channels_last"]
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref, ours = plain(images), fast(images)
+    assert ours.anomaly_map.dtype == torch.float32
+    torch.testing.assert_close(ours.anomaly_map, ref.anomaly_map, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.score, ref.score, rtol=0, atol=1e-5)
+
+
+def test_bf16_autocast_changes_maps_a_little_and_returns_float32():
+    plain, fast = rd4ad_pair()
+    assert apply_inference_speedups(fast, eval_cfg(precision="bf16-mixed")) == {"precision": "bf16-mixed"}
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref, ours = plain(images), fast(images)
+    assert ours.anomaly_map.dtype == torch.float32 and ours.score.dtype == torch.float32
+    delta = (ours.anomaly_map - ref.anomaly_map).abs().max().item()
+    assert 0 < delta < 0.1 * ref.anomaly_map.abs().max().item()  # bf16 really ran, and stayed close
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="eval.precision"):
+        apply_inference_speedups(rd4ad_pair()[1], eval_cfg(precision="int8"))
