@@ -339,7 +339,9 @@ def bench_case(case: str, args, device: torch.device) -> dict:
     size = int(size)
     args.size_of_case = size
     ours = build(method_name, backbone_name, device)
-    reference_model: dict[str, Any] = {"feature_dim": 384} if method_name == "ulsad" else {}
+    # ULSAD's reference keeps the preset width; where the derived width is that width, the models are the same
+    wide = method_name == "ulsad" and ours.feature_dim != 384
+    reference_model: dict[str, Any] = {"feature_dim": 384} if wide else {}
     ref = build(method_name, backbone_name, device, **reference_model) if reference_model else copy.deepcopy(ours)
     g = torch.Generator().manual_seed(1)
     train_images = torch.rand(args.train_batch, 3, size, size, generator=g).to(device)

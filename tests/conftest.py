@@ -67,5 +67,5 @@ def tiny_run_overrides(root: Path, **train) -> dict:
         "data": {"root": str(root), "category": "stripes", "image_size": 32, "batch_size": 4, "eval_batch_size": 4},
         "backbone": {"name": "resnet18", "weights": None},
         "train": {"iterations": 4, "accelerator": "cpu", "log_every": 1, **train},
-        "eval": {"overlays": 2},
+        "eval": {"overlays": 2, "examples": 0},
     }

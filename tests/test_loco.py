@@ -105,7 +105,7 @@ def test_engine_run_reports_loco_metrics(loco_root, tmp_path):
               "holdout_fraction": 0.2},
         backbone={"name": "resnet18", "weights": None},
         train={"iterations": 2, "accelerator": "cpu", "log_every": 1},
-        eval={"overlays": 0, "plots": False},
+        eval={"overlays": 0, "plots": False, "examples": 0},
         model={"feature_dim": 16},
     )
     result = fit(cfg, tmp_path / "run")

@@ -1,12 +1,14 @@
 """load_official: a state dict in the official RD4AD layout loads onto our RD4AD and gives identical outputs."""
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from reconad.backbones import create_backbone
+from reconad.backbones import WeightsUnavailableError, create_backbone
+from reconad.errors import ReconadError
 from reconad.official import load_official, rename_official, to_official
 from reconad.registry import create_method
 
@@ -72,3 +74,52 @@ def test_foreign_keys_and_shapes_are_reported():
         rename_official("nope", {})
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_official("rd4ad", "missing.pth")
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: stands for any code a crafted checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_official_checkpoint_is_refused_without_running_it(wrn_model, tmp_path):
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "wres50_carpet.pth"
+    state = official_layout_state(wrn_model)
+    state["bn.conv1.weight"] = _Payload(marker)
+    torch.save({"bn": state, "decoder": {}}, evil)
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_official("rd4ad", evil, backbone_weights=None)
+    message = str(info.value)
+    assert not marker.exists(), "the checkpoint's code ran"
+    assert "\n" not in message and str(evil) in message and "safetensors" in message and "code execution" in message
+    torch.load(evil, weights_only=False)
+    assert marker.exists()  # the payload is live: an unsafe reader would have run it
+
+
+def test_safetensors_official_checkpoint_and_weights_source(wrn_model, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "rd4ad_official.safetensors"
+    save_file(official_layout_state(wrn_model), str(path))
+    loaded = load_official("rd4ad", path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert loaded.backbone.weights_source == f"file:{path} sha256:{digest}"
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), wrn_model(images), rtol=0, atol=0)
+    in_memory = load_official("rd4ad", official_layout_state(wrn_model))
+    assert in_memory.backbone.weights_source == "official state dict"
+
+
+def test_official_errors_are_reconad_errors(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="missing.pth"):
+        load_official("rd4ad", tmp_path / "missing.pth")
+    with pytest.raises(ReconadError, match="not part of the official rd4ad layout"):
+        rename_official("rd4ad", {"generator.weight": torch.zeros(1)})
+    with pytest.raises(ReconadError, match="no official checkpoint layout for 'ssl_ae'"):
+        rename_official("ssl_ae", {})

@@ -73,7 +73,7 @@ def test_health_model_page_and_openapi(client):
     assert health["status"] == "ok" and health["model"] is True and health["queue"]["capacity"] == 64
     model = client.get("/model").json()
     assert model["calibrated"] is True and model["image_size"] == 16
-    assert model["threshold"] == 0.5 and model["normalised_threshold"] == pytest.approx(0.5)
+    assert model["threshold"] == 0.5 and model["normalised_threshold"] == 1.0
     assert model["metadata"]["method"] == "fake" and model["metadata"]["parity"] == {"max_abs_diff": 0.0}
     assert model["calibration"]["source"] == "fake: validation quantile"
     assert len(model["map"]["colorbar"]) == 11 and model["map"]["colorbar"][0].startswith("#")
@@ -104,9 +104,9 @@ def test_predict_maps_are_pngs_of_the_map_and_the_predicted_region(client, predi
     result = predictor.predict(array)
     heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["map"]["png"]))))
     assert heat.shape == (16, 16, 3) and body["map"]["units"] == "normalised"
-    assert (body["map"]["vmin"], body["map"]["vmax"]) == (0.0, 1.0)
+    assert (body["map"]["vmin"], body["map"]["vmax"]) == (0.0, 2.0)
     from matplotlib import colormaps
-    want = (colormaps["jet"](np.clip(result.normalised_map.astype(np.float64), 0, 1))[..., :3] * 255 + 0.5)
+    want = colormaps["jet"](np.clip(result.normalised_map.astype(np.float64) / 2, 0, 1))[..., :3] * 255 + 0.5
     np.testing.assert_array_equal(heat, want.astype(np.uint8))
     region = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask"]["png"]))))
     assert region.shape == (16, 16, 4)
@@ -258,3 +258,19 @@ def test_binding_beyond_loopback_needs_an_explicit_flag():
     with pytest.raises(ConfigError, match="--allow-remote"):
         check_host("0.0.0.0", False)
     check_host("0.0.0.0", True)
+
+
+def test_cli_serve_passes_its_options_and_refuses_a_remote_host_without_the_flag(tmp_path, monkeypatch, capsys):
+    import reconad.serve as serve_module
+    from reconad.cli import main
+
+    calls = []
+    monkeypatch.setattr(serve_module, "serve", lambda *a, **kw: calls.append((a, kw)))
+    assert main(["serve", str(tmp_path), "--port", "8123", "--max-bytes", "1000", "--max-pixels", "99",
+                 "--queue", "5", "--allow-remote", "--host", "0.0.0.0"]) == 0
+    (args, kw), = calls
+    assert args == (str(tmp_path),) and kw["port"] == 8123 and kw["queue_size"] == 5 and kw["allow_remote"] is True
+    assert kw["limits"] == Limits(max_bytes=1000, max_pixels=99, max_files=Limits.max_files)
+    monkeypatch.undo()
+    assert main(["serve", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    assert "--allow-remote" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from reconad.serve import create_app
 from reconad.serve.live import background_server
 
-from .serve_fakes import FakePredictor
+from .serve_fakes import FakePredictor, real_run
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 DRIVER_CANDIDATES = ("chromedriver", "chromium-driver")
@@ -38,7 +38,8 @@ def _which(names) -> str:
 def start_chromium(download_dir: str | None = None) -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     options.binary_location = _which(CHROMIUM_CANDIDATES)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000"):
         options.add_argument(arg)
     if download_dir:
         options.add_experimental_option("prefs", {"download.default_directory": download_dir,
@@ -79,7 +80,8 @@ def upload_and_wait(driver, base: str, paths) -> list[dict]:
     driver.get(base + "/")
     WebDriverWait(driver, 20).until(lambda d: "px" in d.find_element(By.ID, "model").text)
     driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in paths))
-    WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .card.ready")) == len(paths))
+    WebDriverWait(driver, 30).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .card.ready")) == len(paths))
     return page_cards(driver)
 
 
@@ -103,7 +105,7 @@ def test_page_uploads_shows_overlays_and_the_slider_flips_labels(browser, tmp_pa
         browser.save_screenshot(str(tmp_path / "page_calibrated.png"))
 
         slider = browser.find_element(By.ID, "threshold")
-        slider.send_keys(Keys.HOME)  # lowest threshold: every image at or above it
+        slider.send_keys(Keys.HOME)  # lowest threshold: every image above it
         assert {c["label"] for c in page_cards(browser)} == {"anomalous"}
         assert browser.find_element(By.ID, "counts").text.startswith(f"{len(paths)} of {len(paths)} anomalous")
         slider.send_keys(Keys.END)  # highest threshold: none
@@ -143,3 +145,27 @@ def test_page_reports_a_rejected_file(browser, tmp_path):
         WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#errors li"))
         text = browser.find_element(By.CSS_SELECTOR, "#errors li").text
         assert "notes.png" in text and "not an image" in text and "HTTP 400" in text
+
+
+def test_page_on_a_real_calibrated_run_matches_the_api(browser, tmp_path_factory, tmp_path):
+    from reconad.serve import app_for_path
+
+    real = real_run(tmp_path_factory.mktemp("serve_real"))
+    paths = sorted(real["test"].glob("*/*.png"))
+    with background_server(app_for_path(real["run"])) as base:
+        cards = upload_and_wait(browser, base, paths)
+        api = httpx.post(base + "/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths])
+        want = sorted(((r["score"], r["label"]) for r in api.json()["results"]), reverse=True)
+        assert [(c["score"], c["label"]) for c in cards] == want
+        slider = browser.find_element(By.ID, "threshold")
+        slider.send_keys(Keys.HOME)
+        assert {c["label"] for c in page_cards(browser)} == {"anomalous"}
+        slider.send_keys(Keys.END)
+        assert {c["label"] for c in page_cards(browser)} == {"normal"}
+        browser.find_element(By.ID, "reset-threshold").click()
+        assert [c["label"] for c in page_cards(browser)] == [label for _, label in want]
+        browser.save_screenshot(str(tmp_path / "page_real_run.png"))
+        browser.get(base + "/results")
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "section.run img"))
+        assert "image_auroc" in browser.find_element(By.ID, "tables").text
+        browser.save_screenshot(str(tmp_path / "results_page.png"))

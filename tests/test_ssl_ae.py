@@ -266,7 +266,7 @@ def test_fit_end_to_end_with_prior(tiny_mvtec, tmp_path):
 
     sections = tiny_run_overrides(tiny_mvtec)
     sections["data"]["holdout_fraction"] = 0.25
-    sections["eval"] = {"overlays": 0, "plots": False}
+    sections["eval"] = {"overlays": 0, "plots": False, "examples": 0}
     sections["model"] = {"prior": True, "box_size": 3, "box_passes": 1, "corruption": {"reference_size": 128}}
     cfg = make_config("ssl_ae", **sections)
     assert cfg.model.kernel == 3 and cfg.optim.lr == 1e-4

@@ -64,6 +64,7 @@ def test_mlflow_file_store_holds_metrics_params_and_config(tmp_path, monkeypatch
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # restored after the test
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "reconad-test")
     run_dir = _log(tmp_path, "mlflow")
     saved = json.loads((run_dir / "mlflow_run.json").read_text())
@@ -106,3 +107,40 @@ def test_no_logger_opens_nothing(tmp_path):
     with open_trackers([], tmp_path, CONFIG) as trackers:
         trackers.log_entry(ENTRIES[0])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_command_line_loggers_reach_open_trackers():
+    from reconad.config import config_from_dict, config_to_dict, parse_fit_args
+
+    cfg = parse_fit_args(["--config", "rd4ad", "--train.loggers", "tensorboard,mlflow"])
+    assert logger_names(cfg.train.loggers) == ["tensorboard", "mlflow"]
+    assert logger_names(config_from_dict(config_to_dict(cfg)).train.loggers) == ["tensorboard", "mlflow"]
+    listed = parse_fit_args(["--config", "rd4ad", "--train.loggers", "[mlflow]"])
+    assert logger_names(listed.train.loggers) == ["mlflow"]
+    assert parse_fit_args(["--config", "rd4ad"]).train.loggers == []
+
+
+def test_fit_sends_every_log_entry_to_tensorboard_and_mlflow(tiny_mvtec, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from reconad.config import make_config
+    from reconad.engine import fit
+
+    from .conftest import tiny_run_overrides
+
+    sections = tiny_run_overrides(tiny_mvtec, iterations=3, loggers="tensorboard,mlflow")
+    sections["eval"] = {"overlays": 0, "plots": False, "examples": 0}
+    result = fit(make_config("rd4ad", **sections), tmp_path / "run")
+    logged = [e["loss"] for e in result.history if e["kind"] == "train"]
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    assert [pytest.approx(e.value) for e in events.Scalars("train/loss")] == logged
+    assert events.Scalars("final/image_auroc")[0].value == pytest.approx(result.metrics["image_auroc"])
+    saved = json.loads((result.run_dir / "mlflow_run.json").read_text())
+    client, run_id = MlflowClient(tracking_uri=saved["tracking_uri"]), saved["run_id"]
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [pytest.approx(m.value) for m in sorted(history, key=lambda m: m.step)] == logged
+    with pytest.raises(ConfigError, match="nope"):
+        fit(make_config("rd4ad", **{**sections, "train": {**sections["train"], "loggers": "nope"}}), tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -13,8 +13,8 @@ from .engine import evaluate as _evaluate
 from .engine import fit as _fit
 from .run import load, read_run_config
 
-__all__ = ["demo", "evaluate", "evaluate_shifts", "fit", "fit_config", "load", "make_config", "predict",
-           "read_run_config", "resume"]
+__all__ = ["calibrate", "demo", "evaluate", "evaluate_shifts", "export", "fit", "fit_config", "load", "make_config",
+           "predict", "read_run_config", "resume"]
 
 
 def fit(preset: str = "rd4ad", *, run_dir: str | Path | None = None, overwrite: bool = False,
@@ -43,11 +43,31 @@ def evaluate(run_dir: str | Path, device: str = "cpu", **data_overrides: Any) ->
 
 
 def predict(run_dir: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
-            device: str = "cpu", batch_size: int = 8, **options: Any) -> list[dict[str, Any]]:
-    """Maps, overlays and ``scores.csv`` for an image file, a folder or a list of images."""
-    from .engine.prediction import predict as _predict
+            device: str = "cpu", batch_size: int = 8, **options: Any) -> Any:
+    """Scores, labels, masks, float maps, figures and ``scores.csv`` for an image file, a folder or a list of
+    images, with a run folder or an ONNX export; returns a :class:`reconad.deploy.PredictSummary` (a list of the
+    rows). ``options``: ``threshold``, ``far``, ``masks``, ``figures``, ``overwrite`` (see
+    :func:`reconad.deploy.predict_folder`)."""
+    from .deploy.predict import predict_folder
 
-    return _predict(run_dir, inputs, output_dir, device=device, batch_size=batch_size, **options)
+    return predict_folder(run_dir, inputs, output_dir, device=device, batch_size=batch_size, **options)
+
+
+def calibrate(run_dir: str | Path, normal_dir: str | Path | None = None, far: float = 0.01,
+              pixel_far: float | None = 0.001, **options: Any) -> Any:
+    """Thresholds from normal images only (``run_dir/calibration.json``); ``options``: ``anomalous_dir``,
+    ``mask_dir``, ``device``, ``batch_size`` (see :func:`reconad.deploy.calibrate_run`)."""
+    from .deploy.calibrate import calibrate_run
+
+    return calibrate_run(run_dir, normal_dir, far=far, pixel_far=pixel_far, **options)
+
+
+def export(run_dir: str | Path, output_dir: str | Path, format: str = "onnx", **options: Any) -> dict[str, Any]:
+    """Export a run with a parity check against eager PyTorch; returns ``export.json``'s content. ``options``:
+    ``images``, ``tolerance``, ``opset``, ``overwrite``, ``model_overrides`` (see :func:`reconad.deploy.export_run`)."""
+    from .deploy.export import export_run
+
+    return export_run(run_dir, output_dir, format=format, **options)
 
 
 def evaluate_shifts(run_dir: str | Path, shifts: Mapping[str, str | Path], device: str = "cpu",

@@ -10,17 +10,28 @@ Two families are supported:
 
 A :class:`Backbone` keeps the source library's module names as its own attributes, so its ``state_dict`` keys are
 exactly the library's keys minus the stages after the last tap (those are not built at all).
+
+Taps are stage names (``"layer2"``, ``"blocks.4"``) or strides (``8``, ``"8"``, ``"stride8"``); a stride means the
+deepest stage at that stride, so ``[stride8, stride16]`` is ``layer2, layer3`` on a ResNet and ``blocks.2, blocks.4``
+on an EfficientNet-Lite. Weight files are read without executing code (safetensors, or ``torch.load`` with
+``weights_only=True``); every backbone says where its weights came from in ``weights_source``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib
 import logging
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 from urllib.parse import urlparse
 
@@ -28,16 +39,22 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import ReconadError
+from .errors import ConfigError, ReconadError
 
 __all__ = [
     "Backbone",
     "TapInfo",
     "WeightsUnavailableError",
+    "WeightsFileNotFoundError",
     "create_backbone",
     "default_taps",
     "efficientnet_lite_classifier",
+    "file_weights_source",
     "list_backbones",
+    "read_tensor_file",
+    "resolve_taps",
+    "stage_info",
+    "tap_info",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,7 +73,22 @@ OFFLINE_INSTALL_HINT = 'pip install "reconad[offline]"'
 
 
 class WeightsUnavailableError(ReconadError):
-    """The requested pretrained weights cannot be obtained (no cache, no network, package missing)."""
+    """The requested weights cannot be obtained or used (no cache, no network, package missing, a file that is not a
+    safe tensor file or does not fit the architecture)."""
+
+
+class WeightsFileNotFoundError(WeightsUnavailableError, FileNotFoundError):
+    """A weights file path that does not exist (also a ``FileNotFoundError``, as before)."""
+
+
+RANDOM_WEIGHTS = "random"
+"""``Backbone.weights_source`` of a randomly initialised backbone."""
+CHECKPOINT_WEIGHTS = "checkpoint"
+"""``Backbone.weights_source`` once a state dict was loaded into a randomly initialised backbone (a run's weights)."""
+DEFAULT_TAP_STRIDES = (4, 8, 16)
+"""The default taps of every backbone, by stride (the three stages the RD family reads)."""
+
+_random_warning_given = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +123,9 @@ class Backbone(nn.Module):
         input_mean: Per-channel mean the weights expect, for images in [0, 1].
         input_std: Per-channel std the weights expect, for images in [0, 1].
         trainable: False when frozen (no grad, always eval).
+        weights_source: Where the weights came from: ``"imagenet:<torchvision enum or package>"``,
+            ``"file:<path> sha256:<12 hex>"``, ``"random"`` (a WARNING is logged, once per process, when a random
+            backbone first runs) or ``"checkpoint"`` (a state dict was loaded into a random one afterwards).
     """
 
     def __init__(
@@ -125,6 +160,7 @@ class Backbone(nn.Module):
         self.input_mean = tuple(float(v) for v in input_mean)
         self.input_std = tuple(float(v) for v in input_std)
         self.trainable = True
+        self.weights_source = RANDOM_WEIGHTS
         self._bn_train = True
         self._requested_training = self.training
 
@@ -141,6 +177,8 @@ class Backbone(nn.Module):
         Returns:
             The tap outputs, in tap order, each (B, C_i, H / s_i, W / s_i).
         """
+        if self.weights_source == RANDOM_WEIGHTS:
+            _warn_random_weights(self.name)
         grad_ctx = contextlib.nullcontext() if self.trainable else torch.no_grad()
         with grad_ctx:
             return self._run(x, hook)
@@ -225,8 +263,24 @@ class Backbone(nn.Module):
                     module.eval()
         return self
 
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Called for this module whenever it or a module holding it loads a state dict (a run's checkpoint, an
+        # official file): the random init is gone then, so the random-weights label and warning no longer apply.
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.weights_source == RANDOM_WEIGHTS and any(k.startswith(prefix) for k in state_dict):
+            self.weights_source = CHECKPOINT_WEIGHTS
+
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, taps={self.taps}, trainable={self.trainable}"
+        return f"name={self.name!r}, taps={self.taps}, trainable={self.trainable}, weights={self.weights_source!r}"
+
+
+def _warn_random_weights(name: str) -> None:
+    global _random_warning_given
+    if not _random_warning_given:
+        _random_warning_given = True
+        logger.warning("backbone %s runs with RANDOM weights (backbone.weights: null); results are not comparable to "
+                       "pretrained ones. Set --backbone.weights imagenet or a weights file unless this is intended.",
+                       name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -241,6 +295,10 @@ class _ResNetSpec:
     weights_label: str  # human-readable weight source, for messages
     tv_weights_enum: str | None = None  # torchvision enum whose IMAGENET1K_V1 url is used
     url: str | None = None  # explicit url when not from torchvision
+    source: str = ""  # Backbone.weights_source of the ImageNet weights when not from torchvision
+
+    def imagenet_source(self) -> str:
+        return self.source or f"imagenet:torchvision {self.tv_weights_enum}.IMAGENET1K_V1"
 
     def weights_url(self) -> str:
         if self.url is not None:
@@ -267,10 +325,8 @@ _RESNET_STAGE_MODULES = {
     "layer4": ("layer4",),
 }
 _RESNET_STRIDES = (4, 4, 8, 16, 32)
-_RESNET_DEFAULT_TAPS = ("layer1", "layer2", "layer3")
 
 _EFFNET_STAGES = ("stem", *(f"blocks.{i}" for i in range(7)))
-_EFFNET_DEFAULT_TAPS = ("blocks.1", "blocks.2", "blocks.4")  # strides 4, 8, 16
 
 _RESNETS: dict[str, _ResNetSpec] = {
     "resnet18": _ResNetSpec(
@@ -293,6 +349,7 @@ _RESNETS: dict[str, _ResNetSpec] = {
         "timm racm_in1k",
         url="https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"
         "wide_resnet50_racm-8234f177.pth",
+        source="imagenet:timm wide_resnet50_2.racm_in1k",
     ),
 }
 
@@ -311,7 +368,8 @@ def list_backbones() -> list[str]:
 
 def _check_name(name: str) -> None:
     if name not in _RESNETS and name not in _EFFNETS:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+        raise ConfigError(f"unknown backbone {name!r} (--backbone.name); known backbones: "
+                          f"{', '.join(list_backbones())}")
 
 
 def _all_stages(name: str) -> tuple[str, ...]:
@@ -319,25 +377,92 @@ def _all_stages(name: str) -> tuple[str, ...]:
     return _RESNET_STAGES if name in _RESNETS else _EFFNET_STAGES
 
 
-def default_taps(name: str) -> tuple[str, ...]:
-    """Default tapped stages of a backbone: the three stages at strides 4, 8 and 16."""
+@functools.cache
+def stage_info(name: str) -> tuple[TapInfo, ...]:
+    """Channels and stride of every stage of a backbone, in order, without building it or reading weights.
+
+    ResNets come from a static table; EfficientNet-Lites from timm's architecture built on the meta device (no
+    memory, no weights).
+    """
     _check_name(name)
-    return _RESNET_DEFAULT_TAPS if name in _RESNETS else _EFFNET_DEFAULT_TAPS
+    if name in _RESNETS:
+        return tuple(TapInfo(s, c, st) for s, c, st in zip(_RESNET_STAGES, _RESNETS[name].channels, _RESNET_STRIDES))
+    with torch.device("meta"):
+        return tuple(_effnet_stage_info(_create_timm_effnet(_EFFNETS[name])))
 
 
-def _validate_taps(name: str, taps: tuple[str, ...]) -> None:
+def _describe_stages(name: str) -> str:
+    info = stage_info(name)
+    strides = sorted({i.stride for i in info})
+    return (f"valid stages, in order: {', '.join(i.name for i in info)} "
+            f"(strides {', '.join(str(i.stride) for i in info)}); or strides {', '.join(map(str, strides))} "
+            "(e.g. [stride8, stride16]), each meaning the deepest stage at that stride")
+
+
+def _stage_at_stride(name: str, stride: int) -> str:
+    at_stride = [i.name for i in stage_info(name) if i.stride == stride]
+    if not at_stride:
+        raise ConfigError(f"backbone {name!r} has no stage at stride {stride} (--backbone.taps); "
+                          f"{_describe_stages(name)}")
+    return at_stride[-1]  # the deepest stage at a stride is the feature of that stride (timm's feature_info too)
+
+
+_STRIDE_TAP = re.compile(r"(?:stride)?(\d+)")
+
+
+def _resolve_tap(name: str, tap: str | int) -> str:
+    if isinstance(tap, bool) or not isinstance(tap, (str, int)):
+        raise ConfigError(f"tap {tap!r} of {name!r} (--backbone.taps) is neither a stage name nor a stride; "
+                          f"{_describe_stages(name)}")
+    if isinstance(tap, int):
+        return _stage_at_stride(name, tap)
+    if tap in _all_stages(name):
+        return tap
+    match = _STRIDE_TAP.fullmatch(tap.strip())
+    if match is None:
+        raise ConfigError(f"invalid tap {tap!r} for {name!r} (--backbone.taps): not a stage of it; "
+                          f"{_describe_stages(name)}")
+    return _stage_at_stride(name, int(match.group(1)))
+
+
+def default_taps(name: str) -> tuple[str, ...]:
+    """Default tapped stages of a backbone: its stages at strides 4, 8 and 16 (:data:`DEFAULT_TAP_STRIDES`)."""
+    return tuple(_stage_at_stride(name, s) for s in DEFAULT_TAP_STRIDES)
+
+
+def resolve_taps(name: str, taps: Sequence[str | int] | None = None) -> tuple[str, ...]:
+    """Stage names of ``taps`` (names, strides such as ``8`` / ``"stride8"``, or ``None`` for the defaults).
+
+    Raises:
+        ConfigError: Unknown backbone, a tap that is neither a stage nor a stride of it, or taps that are empty,
+            repeated or out of stage order (the message lists the backbone's stages and strides).
+    """
+    _check_name(name)
+    if taps is None:
+        return default_taps(name)
+    if isinstance(taps, (str, int)):
+        taps = [taps]
+    resolved = tuple(_resolve_tap(name, t) for t in taps)
     stages = _all_stages(name)
-    unknown = [t for t in taps if t not in stages]
-    if not taps or unknown:
-        raise ValueError(f"invalid taps {taps} for {name!r}; valid stages, in order: {', '.join(stages)}")
-    order = [stages.index(t) for t in taps]
+    if not resolved:
+        raise ConfigError(f"no taps given for {name!r} (--backbone.taps); {_describe_stages(name)}")
+    order = [stages.index(t) for t in resolved]
     if order != sorted(set(order)):
-        raise ValueError(f"taps {taps} of {name!r} must be distinct and in stage order: {', '.join(stages)}")
+        raise ConfigError(f"taps {tuple(taps)} of {name!r} (stages {', '.join(resolved)}) must be distinct and in "
+                          f"stage order (--backbone.taps); {_describe_stages(name)}")
+    return resolved
+
+
+def tap_info(name: str, taps: Sequence[str | int] | None = None) -> list[TapInfo]:
+    """:class:`TapInfo` of the resolved taps, in tap order, without building the backbone (what
+    ``create_backbone(name, taps).feature_info`` will be)."""
+    info = {i.name: i for i in stage_info(name)}
+    return [info[t] for t in resolve_taps(name, taps)]
 
 
 def create_backbone(
     name: str,
-    taps: Sequence[str] | None = None,
+    taps: Sequence[str | int] | None = None,
     weights: WeightsArg = "imagenet",
     trainable: bool = False,
 ) -> Backbone:
@@ -345,22 +470,23 @@ def create_backbone(
 
     Args:
         name: One of :func:`list_backbones`.
-        taps: Stage names to return, in stage order; ``None`` uses :func:`default_taps`.
+        taps: Stages to return, in stage order, as names or strides (:func:`resolve_taps`); ``None`` uses
+            :func:`default_taps` (strides 4, 8, 16).
         weights: ``"imagenet"`` (the backbone's named ImageNet weights), a local file (a state dict in the source
-            library's layout, ``.pth``/``.pt`` or ``.safetensors``), or ``None`` for random init (tests only).
+            library's layout: safetensors, or a torch file that loads with ``weights_only=True``), or ``None`` for
+            random init (``weights_source == "random"``; a WARNING is logged once when such a backbone runs).
         trainable: False freezes the backbone (:meth:`Backbone.freeze`); True leaves it trainable with BN in train mode.
 
     Returns:
-        The backbone.
+        The backbone, with ``weights_source`` set.
 
     Raises:
-        ValueError: Unknown name or tap, or a weights file whose keys/shapes do not fit.
-        FileNotFoundError: ``weights`` is a path that does not exist.
-        WeightsUnavailableError: The ImageNet weights cannot be obtained (offline, no cache, package missing).
+        ConfigError: Unknown name or tap.
+        WeightsFileNotFoundError: ``weights`` is a path that does not exist (also a ``FileNotFoundError``).
+        WeightsUnavailableError: The ImageNet weights cannot be obtained (offline, no cache, package missing), or the
+            file cannot be read safely (a pickle that needs code execution) or does not fit the architecture.
     """
-    _check_name(name)
-    taps = tuple(taps) if taps is not None else default_taps(name)
-    _validate_taps(name, taps)
+    taps = resolve_taps(name, taps)
     if name in _RESNETS:
         backbone = _build_resnet(name, _RESNETS[name], taps, weights)
     else:
@@ -382,20 +508,107 @@ def _is_imagenet(weights: WeightsArg) -> bool:
     return isinstance(weights, str) and weights == "imagenet"
 
 
-def _read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a flat state dict from a ``.safetensors`` file or a torch pickle (loaded with ``weights_only``)."""
+def _looks_like_safetensors(file: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little endian) and then ``{``."""
+    with file.open("rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= file.stat().st_size
+
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def read_tensor_file(path: str | os.PathLike, setting: str = "--backbone.weights") -> Any:
+    """Read a tensor file WITHOUT executing code: safetensors (by content, whatever the suffix), else ``torch.load``
+    with ``weights_only=True`` (tensors, plain containers and numbers only).
+
+    Args:
+        path: The file.
+        setting: The setting or argument the path came from, named in error messages.
+
+    Returns:
+        What the file holds (a flat dict of tensors for safetensors; possibly nested for torch files).
+
+    Raises:
+        WeightsFileNotFoundError: No such file.
+        WeightsUnavailableError: The file is a pickle that would need code execution (one line: convert it to
+            safetensors), or it is not a readable tensor file.
+    """
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"weights file not found: {file}")
-    if file.suffix == ".safetensors":
+        raise WeightsFileNotFoundError(f"weights file not found: {file} ({setting}); pass an existing .safetensors "
+                                       "or .pth file")
+    if _looks_like_safetensors(file):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsUnavailableError(f"{file} ({setting}) is a damaged safetensors file ({_first_line(err)}); "
+                                          "replace it with a good copy") from err
+    try:
+        with warnings.catch_warnings():  # plain pickles of protocol > 2 are refused below with a clearer message
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _UNSAFE_GLOBAL.search(str(err))
+        references = [found.group(1)] if found else _pickle_code_references(file)
+        if not references:  # not a code reference: a damaged or foreign file
+            raise WeightsUnavailableError(f"{file} ({setting}) is not a readable safetensors or torch tensor file "
+                                          "(the pickle inside is damaged or of an unknown kind); pass a .safetensors "
+                                          "file") from None
+        raise WeightsUnavailableError(
+            f"{file} ({setting}) is a pickle that needs code execution to load (it references "
+            f"{', '.join(references[:3])}); "
+            "reconad never runs code from files: if you trust the file, convert it to safetensors "
+            "(safetensors.torch.save_file of its flat tensor dict) and pass the .safetensors file"
+        ) from None  # the weights_only traceback is pages long and says nothing more a user can act on
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        raise WeightsUnavailableError(f"{file} ({setting}) is not a readable safetensors or torch tensor file "
+                                      f"({type(err).__name__}: {_first_line(err)}); pass a .safetensors file") from err
+
+
+def _pickle_code_references(file: Path) -> list[str]:
+    """The ``module.name`` globals a plain (non-zip) pickle file would import, read with :mod:`pickletools` (which
+    parses opcodes and executes nothing); empty for anything else."""
+    import pickletools
+
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(file.read_bytes()):
+            if opcode.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # any parse failure means: not a pickle we can describe
+        return names
+    return names
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def file_weights_source(file: str | os.PathLike) -> str:
+    """``file:<path> sha256:<first 12 hex>``, the weights_source of a local file."""
+    digest = hashlib.sha256()
+    with Path(file).expanduser().open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"file:{Path(file).expanduser()} sha256:{digest.hexdigest()[:12]}"
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a flat state dict of tensors from a weights file (:func:`read_tensor_file`)."""
+    state = read_tensor_file(path)
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            f"{file} does not hold a flat state dict of tensors (got {type(state).__name__}); "
+        raise WeightsUnavailableError(
+            f"{path} (--backbone.weights) does not hold a flat state dict of tensors (got {type(state).__name__}); "
             "save `model.state_dict()` of the backbone architecture itself"
         )
     return dict(state)
@@ -450,7 +663,8 @@ def _load_checked(model: nn.Module, state: Mapping[str, Tensor], allowed_extra: 
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches: {_preview(mismatched)}")
     if problems:
-        raise ValueError(f"weights from {source} do not fit {type(model).__name__}: " + "; ".join(problems))
+        raise WeightsUnavailableError(f"weights from {source} do not fit {type(model).__name__} "
+                                      "(--backbone.weights): " + "; ".join(problems))
     model.load_state_dict({k: state.get(k, v) for k, v in expected.items()}, strict=True)
 
 
@@ -473,11 +687,12 @@ def _build_resnet(name: str, spec: _ResNetSpec, taps: tuple[str, ...], weights: 
     import torchvision.models as tvm
 
     # Weights first: a missing download should fail before the (slow) random init of the architecture.
-    state, source = None, None
+    state, source, weights_source = None, None, RANDOM_WEIGHTS
     if _is_imagenet(weights):
         state, source = _download(name, spec.weights_url(), spec.weights_label), spec.weights_label
+        weights_source = spec.imagenet_source()
     elif weights is not None:
-        state, source = _read_state_dict(weights), str(weights)
+        state, source, weights_source = _read_state_dict(weights), str(weights), file_weights_source(weights)
     full = getattr(tvm, spec.arch)(weights=None)
     kept = _kept_stages(name, taps)
     modules = {attr: getattr(full, attr) for stage in kept for attr in _RESNET_STAGE_MODULES[stage]}
@@ -495,6 +710,7 @@ def _build_resnet(name: str, spec: _ResNetSpec, taps: tuple[str, ...], weights: 
         logger.info("backbone %s: random init (no pretrained weights)", name)
         return backbone
     _load_checked(backbone, state, _extra_keys(full, backbone), source)
+    backbone.weights_source = weights_source
     logger.info("backbone %s: loaded weights from %s", name, source)
     return backbone
 
@@ -573,15 +789,26 @@ def _packaged_weights_file(name: str, spec: _EffNetSpec) -> Path:
     return file
 
 
+def _package_source(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"imagenet:{package}=={version(package.replace('_', '-'))}"
+    except PackageNotFoundError:
+        return f"imagenet:{package}"
+
+
 def _effnet_state(
     name: str, spec: _EffNetSpec, weights: str | os.PathLike, depths: Sequence[int]
-) -> tuple[dict[str, Tensor], str]:
-    """Read EfficientNet-Lite weights (packaged or a file) as a timm-layout state dict, with a source label."""
-    file = _packaged_weights_file(name, spec) if _is_imagenet(weights) else Path(weights)
+) -> tuple[dict[str, Tensor], str, str]:
+    """Read EfficientNet-Lite weights (packaged or a file) as a timm-layout state dict, with a source label and
+    the ``weights_source``."""
+    imagenet = _is_imagenet(weights)
+    file = _packaged_weights_file(name, spec) if imagenet else Path(weights)
     state = _read_state_dict(file)
     if _is_efficientnet_pytorch_layout(state):
         state = _rename_efficientnet_pytorch(state, depths)
-    return state, str(file)
+    return state, str(file), _package_source(spec.package) if imagenet else file_weights_source(file)
 
 
 def _effnet_stage_info(model: nn.Module) -> list[TapInfo]:
@@ -607,8 +834,9 @@ def _build_effnet(name: str, spec: _EffNetSpec, taps: tuple[str, ...], weights: 
     if weights is None:
         logger.info("backbone %s: random init (no pretrained weights)", name)
         return backbone
-    state, source = _effnet_state(name, spec, weights, [len(s) for s in full.blocks])
+    state, source, weights_source = _effnet_state(name, spec, weights, [len(s) for s in full.blocks])
     _load_checked(backbone, state, _extra_keys(full, backbone), source)
+    backbone.weights_source = weights_source
     logger.info("backbone %s: loaded weights from %s", name, source)
     return backbone
 
@@ -633,6 +861,6 @@ def efficientnet_lite_classifier(name: str) -> nn.Module:
         raise ValueError(f"unknown EfficientNet-Lite {name!r}; known: {', '.join(_EFFNETS)}")
     spec = _EFFNETS[name]
     model = _create_timm_effnet(spec)
-    state, source = _effnet_state(name, spec, "imagenet", [len(s) for s in model.blocks])
+    state, source, _ = _effnet_state(name, spec, "imagenet", [len(s) for s in model.blocks])
     _load_checked(model, state, set(), source)
     return model.eval()

@@ -50,8 +50,9 @@ def cmd_fit(argv: Sequence[str]) -> int:
                 raise UsageError("--run_dir needs a folder")
             run_dir, argv = argv[i + 1], [*argv[:i], *argv[i + 2:]]
         result = api.fit_config(parse_fit_args(argv), run_dir, overwrite=overwrite)
-    print(f"run folder: {result.run_dir}")
-    print(_metrics_table({cfg_name(result): result.metrics}))
+    if result.metrics:  # under DDP only rank 0 holds the metrics; the other ranks stay silent
+        print(f"run folder: {result.run_dir}")
+        print(_metrics_table({cfg_name(result): result.metrics}))
     return 0
 
 
@@ -89,15 +90,74 @@ def cmd_test(argv: Sequence[str]) -> int:
 def cmd_predict(argv: Sequence[str]) -> int:
     from .api import predict
 
-    parser = _simple_parser("reconad predict", "Anomaly maps, overlays and scores for a folder of images.")
-    parser.add_argument("run_dir", type=str)
+    parser = _simple_parser("reconad predict", "Scores, labels, masks, maps and figures for a folder of images.")
+    parser.add_argument("run_dir", type=str, help="a run folder or an ONNX export folder")
     parser.add_argument("inputs", type=str, help="an image file or a folder of images")
     parser.add_argument("--output", type=str, default="predictions")
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--threshold", type=float | None, default=None, help="raw image threshold (overrides)")
+    parser.add_argument("--far", type=float | None, default=None, help="threshold at this false-alarm rate")
+    parser.add_argument("--masks", type=str | None, default=None, help="ground-truth masks, drawn as contours")
+    parser.add_argument("--no_figures", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(list(argv))
-    rows = predict(args.run_dir, args.inputs, args.output, device=args.device, batch_size=args.batch_size)
-    print(f"{len(rows)} images scored; maps, overlays and scores.csv in {args.output}")
+    summary = predict(args.run_dir, args.inputs, args.output, device=args.device, batch_size=args.batch_size,
+                      threshold=args.threshold, far=args.far, masks=args.masks, figures=not args.no_figures,
+                      overwrite=args.overwrite)
+    print(summary.line())
+    return 0
+
+
+def cmd_calibrate(argv: Sequence[str]) -> int:
+    from .api import calibrate
+
+    parser = _simple_parser("reconad calibrate", "Thresholds from normal images only (RUN/calibration.json).")
+    parser.add_argument("run_dir", type=str)
+    parser.add_argument("--normal", type=str | None, default=None, help="normal images (default: held-out normals)")
+    parser.add_argument("--far", type=float, default=0.01, help="image false-alarm rate")
+    parser.add_argument("--pixel_far", type=float, default=0.001, help="fraction of normal pixels flagged")
+    parser.add_argument("--anomalous", type=str | None, default=None, help="labelled anomalous images (report only)")
+    parser.add_argument("--masks", type=str | None, default=None, help="ground-truth masks of --anomalous")
+    parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--batch_size", type=int, default=8)
+    args = parser.parse_args(list(argv))
+    cal = calibrate(args.run_dir, args.normal, far=args.far, pixel_far=args.pixel_far, anomalous_dir=args.anomalous,
+                    mask_dir=args.masks, device=args.device, batch_size=args.batch_size)
+    print(f"{cal.n_images} normal images ({cal.source}): image threshold {cal.image_threshold:.6g} at FAR {cal.far:g}"
+          + (f", pixel threshold {cal.pixel_threshold:.6g} at {cal.pixel_far:g}" if cal.pixel_threshold is not None
+             else "") + f"; written to {Path(args.run_dir) / 'calibration.json'}")
+    if cal.labelled:
+        lab = cal.labelled
+        print(f"labelled data ({lab['n_anomalous']} anomalous): precision {lab['precision_at_far_threshold']:.3f}, "
+              f"recall {lab['recall_at_far_threshold']:.3f} at the FAR threshold; F1-optimal threshold "
+              f"{lab['f1_optimal_threshold']:.6g} (F1 {lab['f1_optimal_f1']:.3f}; not used by default)")
+    return 0
+
+
+def cmd_export(argv: Sequence[str]) -> int:
+    import yaml
+
+    from .api import export
+
+    parser = _simple_parser("reconad export", "Export a run (model + export.json) after an eager-parity check.")
+    parser.add_argument("run_dir", type=str)
+    parser.add_argument("--format", type=str, default="onnx", help="onnx or torchscript")
+    parser.add_argument("--output", type=str | None, default=None, help="default: RUN/export-FORMAT")
+    parser.add_argument("--images", type=str | None, default=None, help="images for the parity check")
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--override", nargs="+", type=str, default=[], help="test-time model settings KEY=VALUE")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(list(argv))
+    if any("=" not in item for item in args.override):
+        raise UsageError("--override takes KEY=VALUE pairs, e.g. --override match_stable_sort=true")
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.override)}
+    output = args.output or str(Path(args.run_dir) / f"export-{args.format}")
+    meta = export(args.run_dir, output, format=args.format, images=args.images, tolerance=args.tolerance,
+                  overwrite=args.overwrite, model_overrides=overrides or None)
+    parity = meta["parity"]
+    print(f"exported to {output}: max |Δ map| {parity['max_abs_diff_map']:.2g}, max |Δ score| "
+          f"{parity['max_abs_diff_score']:.2g} on {parity['n_images']} images (tolerance {parity['tolerance']:g})")
     return 0
 
 
@@ -132,10 +192,25 @@ def cmd_study(argv: Sequence[str]) -> int:
     parser.add_argument("--launcher", type=str, default="sequential", help="sequential | ray")
     parser.add_argument("--shard", type=str | None, default=None, help="k/n or torchrun: run a share of the cells")
     parser.add_argument("--report", type=bool, default=True, help="write report.html / report.md at the end")
-    args = parser.parse_args(list(argv))
+    parser.add_argument("--worker", type=bool, default=False,
+                        help="take cells from the folder's shared work queue (any number of workers, any machines)")
+    parser.add_argument("--cell", type=str | None, default=None, help="run one cell only: run/category/seed")
+    parser.add_argument("--order", type=str, default="grid", help="grid | seed | category: the order of the cells")
+    parser.add_argument("--heartbeat", type=float, default=30.0,
+                        help="--worker: renew the claim every this many seconds (taken over after 4x)")
+    argv = list(argv)
+    if "--worker" in argv and argv[argv.index("--worker") + 1:][:1] not in (["true"], ["false"]):
+        argv.insert(argv.index("--worker") + 1, "true")  # a bare flag, as users type it
+    args = parser.parse_args(argv)
+    logging.getLogger("reconad.study").setLevel(logging.INFO)  # one line per cell at the default log level
     study = study_from_options(args.study_file, args.presets, args.names, args.data.root, args.categories,
                                args.seeds, args.set, args.baseline)
-    rows = run_study(study, args.output, launcher=args.launcher, shard=args.shard)
+    rows = run_study(study, args.output, launcher=args.launcher, shard=args.shard, worker=args.worker,
+                     cell=args.cell, order=args.order, heartbeat_seconds=args.heartbeat)
+    if args.cell:
+        mine = [r for r in rows if f"{r['run']}/{r['category']}/{r['seed']}" == args.cell.replace("/seed", "/")]
+        print(f"cell {args.cell}: {mine[0]['status'] if mine else 'unknown'}")
+        return 0 if mine and mine[0]["status"] == "done" else 1
     done = sum(r["status"] == "done" for r in rows)
     print(f"{done}/{len(rows)} cells finished; tables in {args.output} (results.csv, summary.csv, paired.csv)")
     for r in rows:
@@ -221,9 +296,34 @@ def cmd_shift_eval(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: Sequence[str]) -> int:
+    from .serve import Limits, serve
+
+    parser = _simple_parser("reconad serve", "HTTP service + page for a run or export folder; results page for a "
+                                             "study or a folder of runs (docs/serve.md).")
+    parser.add_argument("path", type=str, help="a run folder, an export folder, a study folder or a folder of runs")
+    parser.add_argument("--host", type=str, default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--max-bytes", type=int, default=Limits.max_bytes, help="largest accepted file (413 beyond)")
+    parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="most pixels per image (413 beyond)")
+    parser.add_argument("--max-files", type=int, default=Limits.max_files, help="most images per request")
+    parser.add_argument("--queue", type=int, default=64, help="most images waiting for the model (503 beyond)")
+    parser.add_argument("--batch", type=int, default=8, help="most images the model runs at once")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a --host other than loopback")
+    args = parser.parse_args(list(argv))
+    limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_files=args.max_files)
+    serve(args.path, host=args.host, port=args.port, device=args.device, limits=limits, queue_size=args.queue,
+          max_batch=args.batch, allow_remote=args.allow_remote)
+    return 0
+
+
 COMMANDS = {"list": cmd_list, "demo": cmd_demo, "fit": cmd_fit, "test": cmd_test, "predict": cmd_predict,
-            "study": cmd_study, "report": cmd_report, "prepare": cmd_prepare, "shift-eval": cmd_shift_eval}
-USAGE = ("usage: reconad {list,demo,fit,test,predict,study,report,prepare,shift-eval} [options]   "
+            "calibrate": cmd_calibrate, "export": cmd_export,
+            "study": cmd_study, "report": cmd_report, "prepare": cmd_prepare, "shift-eval": cmd_shift_eval,
+            "serve": cmd_serve}
+USAGE = ("usage: reconad {list,demo,fit,test,predict,calibrate,export,study,report,prepare,shift-eval,serve} "
+         "[options]   "
          "(reconad COMMAND --help for details)")
 
 

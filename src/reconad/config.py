@@ -80,8 +80,9 @@ class BackboneConfig:
     name: str = "wide_resnet50_2"
     weights: str | None = "imagenet"
     """``"imagenet"`` (the backbone's named default weights), a local file path, or ``None`` (random init)."""
-    taps: list[str] | None = None
-    """Stages whose outputs are tapped; ``None`` = the backbone's default three (strides 4, 8, 16)."""
+    taps: list[str | int] | None = None
+    """Stages whose outputs are tapped, by name (``layer2``) or stride (``8``, ``stride8``: the deepest stage at that
+    stride, so a preset's taps fit every backbone); ``None`` = the backbone's default three (strides 4, 8, 16)."""
 
 
 @dataclass
@@ -112,6 +113,15 @@ class TrainConfig:
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     accelerator: Literal["cpu", "cuda", "mps", "auto"] = "auto"
     devices: int | str = 1
+    """Processes (one per GPU, or CPU processes with gloo) training ONE run with DDP (``reconad.engine.distributed``).
+    ``data.batch_size`` stays the GLOBAL batch: each of N ranks trains on ``batch_size / N`` disjoint images."""
+    strategy: Literal["auto", "ddp"] = "auto"
+    """``auto``: DDP when ``devices`` > 1 (a process group with ``ddp_timeout_minutes``), else one device."""
+    sync_bn: bool = True
+    """Under DDP, BatchNorm layers that train use statistics of the GLOBAL batch, as the official code on one device
+    (False: per-rank statistics of ``batch_size / N`` images — faster, not the official behaviour)."""
+    ddp_timeout_minutes: float = 10.0
+    """A rank waiting longer than this in a collective (another rank crashed or hangs) stops with an error."""
     seed: int = 111
     deterministic: bool = True
     eval_every: int | None = None
@@ -134,10 +144,18 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    far: float = 0.01
+    """False-alarm rate of the image threshold that ``fit`` calibrates on held-out normals (``reconad calibrate``
+    sets it again at any time; the conformal order statistic needs at least ⌈1/far⌉ − 1 normals)."""
+    pixel_far: float = 0.001
+    """Fraction of normal pixels above the pixel threshold of predicted masks."""
     pixel_metrics: bool = True
     fpr_limit: float = 0.3
     overlays: int = 8
     """How many test overlays (heat maps) to write after the final evaluation."""
+    examples: int = 4
+    """How many example panels (input | heat map with colour bar | overlay with ground-truth and predicted-region
+    contours, at input and original size) to write into ``examples/`` after the final evaluation."""
     plots: bool = True
     """Render training-curve PNGs from ``log.jsonl`` into ``run_dir/plots/`` after training (``reconad.plots``)."""
     selection: Literal["last", "best_test"] = "last"

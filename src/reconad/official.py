@@ -4,6 +4,8 @@ Each method's mapping (its class attribute ``official_layout``) is a table of ke
 structure is kept close to the official code on purpose), plus the official keys we deliberately do not build
 (e.g. the encoder's unused ``layer4``).
 Key names and shapes of each official model are listed in ``spec/official_keys/<method>.json``.
+Checkpoint files are read without executing code (:func:`reconad.backbones.read_tensor_file`): a pickle that needs
+code execution is refused with a one-line :class:`~reconad.backbones.WeightsUnavailableError`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .backbones import WeightsUnavailableError, file_weights_source, read_tensor_file
+from .errors import ConfigError
 from .methods.base import OfficialLayout  # noqa: F401  (re-exported: reconad.official.OfficialLayout)
 
 if TYPE_CHECKING:
     from .methods.base import Method
 
+CHECKPOINT_SETTING = "load_official checkpoint"
+"""How error messages name the file argument of :func:`load_official`."""
 
 
+class OfficialLayoutError(WeightsUnavailableError, KeyError):
+    """A checkpoint whose keys are not the official layout of the method (also a ``KeyError``, as before)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
 
 
 def _flatten(state: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
@@ -38,9 +49,11 @@ def _flatten(state: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
 def _read_state(path_or_state: str | os.PathLike | Mapping[str, Any]) -> dict[str, Tensor]:
     if isinstance(path_or_state, Mapping):
         return _flatten(path_or_state)
-    if not os.path.isfile(path_or_state):
-        raise FileNotFoundError(f"official checkpoint not found: {path_or_state}")
-    return _flatten(torch.load(path_or_state, map_location="cpu", weights_only=True))
+    state = read_tensor_file(path_or_state, setting=CHECKPOINT_SETTING)  # never executes code from the file
+    if not isinstance(state, Mapping):
+        raise WeightsUnavailableError(f"official checkpoint {path_or_state} holds a {type(state).__name__}, not a "
+                                      "state dict; pass the file the official training script saved")
+    return _flatten(state)
 
 
 def rename_official(method: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -56,7 +69,8 @@ def rename_official(method: str, state: Mapping[str, Tensor]) -> dict[str, Tenso
         else:
             renamed[target] = value
     if unknown:
-        raise KeyError(f"{len(unknown)} keys are not part of the official {method} layout, e.g. {unknown[:5]}")
+        raise OfficialLayoutError(f"{len(unknown)} keys are not part of the official {method} layout, e.g. "
+                                  f"{unknown[:5]}; is this a checkpoint of another method or code base?")
     return renamed
 
 
@@ -79,7 +93,7 @@ def _layout(method: str) -> OfficialLayout:
     layout = getattr(get_method_class(method), "official_layout", None)
     if layout is None:
         supported = [m for m in list_methods() if getattr(get_method_class(m), "official_layout", None)]
-        raise ValueError(f"no official checkpoint layout for {method!r}; supported: {', '.join(supported)}")
+        raise ConfigError(f"no official checkpoint layout for {method!r}; supported: {', '.join(supported)}")
     return layout
 
 
@@ -90,14 +104,20 @@ def load_official(method: str, path_or_state_dict: str | os.PathLike | Mapping[s
 
     Args:
         method: a method whose class declares ``official_layout`` (``"rd4ad"``, …).
-        path_or_state_dict: a ``.pth`` file or a state dict in the official layout (flat, or nested by module
-            as the official scripts save it).
+        path_or_state_dict: a ``.pth`` file (read with ``weights_only=True``: a pickle that needs code execution
+            is refused), a ``.safetensors`` file (flat keys), or a state dict in the official layout (flat, or
+            nested by module as the official scripts save it).
         backbone: the encoder architecture the checkpoint was trained with.
         backbone_weights: where encoder weights come from when the checkpoint does not hold them (the official
             RD4AD script saves only ``bn`` and ``decoder``): ``"imagenet"`` or a file path.
         **config: fields of the method's Config.
     Returns:
-        The method in eval mode, on the CPU.
+        The method in eval mode, on the CPU; ``model.backbone.weights_source`` says where the encoder came from.
+
+    Raises:
+        WeightsFileNotFoundError: No such file (also a ``FileNotFoundError``).
+        WeightsUnavailableError: The file cannot be read safely, or does not fit the model (one line).
+        OfficialLayoutError: Keys that are not the method's official layout (also a ``KeyError``).
     """
     from .backbones import create_backbone
     from .registry import create_method, get_method_class
@@ -114,8 +134,12 @@ def load_official(method: str, path_or_state_dict: str | os.PathLike | Mapping[s
     wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
              for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or extra or wrong:
-        raise ValueError(f"official {method} checkpoint does not fit a {backbone} model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}, shape mismatches {wrong[:5]} "
-                         f"({len(missing)}/{len(extra)}/{len(wrong)} in total)")
+        raise WeightsUnavailableError(
+            f"official {method} checkpoint does not fit a {backbone} model: missing {missing[:5]}, unexpected "
+            f"{extra[:5]}, shape mismatches {wrong[:5]} ({len(missing)}/{len(extra)}/{len(wrong)} in total); "
+            "pass the backbone it was trained with (backbone=...)")
     model.load_state_dict(state, strict=False)
+    if has_encoder:
+        model.backbone.weights_source = (file_weights_source(path_or_state_dict)
+                                         if not isinstance(path_or_state_dict, Mapping) else "official state dict")
     return model.eval()

@@ -24,6 +24,7 @@ import random
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +138,8 @@ class JsonlLog:
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        """Called with every entry written (experiment trackers); the file stays the ground truth."""
 
     def truncate_after(self, batches_done: int) -> None:
         if not (self.enabled and self.path.exists()):
@@ -148,6 +151,8 @@ class JsonlLog:
         if self.enabled:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(_finite_or_none(entry), allow_nan=False) + "\n")
+            for listener in self.listeners:
+                listener(entry)
 
     def read_lines(self) -> list[str]:
         # a line cut by a kill (no newline at the end) is dropped: it was never complete

@@ -7,8 +7,13 @@ plus the mean over categories and over the textures / objects groups) and ``pair
 between runs over the same (category, seed) cells: difference of means, bootstrap CI, Wilcoxon p-value).
 
 Cells are independent. They run one after another in this process (``launcher="sequential"``), as Ray tasks
-(``launcher="ray"``, when ``ray`` is installed), or split over several processes with ``shard=(k, n)`` (one
-process per GPU, e.g. started by ``torchrun``; see ``docs/studies.md``). No scheduler of our own.
+(``launcher="ray"``), split over several processes with ``shard=(k, n)`` (one process per GPU, e.g. started by
+``torchrun``), or taken one by one from a shared work queue by any number of ``worker=True`` processes on machines
+that share the output folder (an atomic claim file per cell with a heartbeat; see ``docs/distributed.md``).
+
+A study folder grows: a later call that adds runs, categories or seeds extends ``study.yaml`` (the union, with
+``history`` saying when each part was added); a call that would change a finished cell's configuration is refused
+with the difference shown.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import json
 import logging
 import math
 import os
+import socket
+import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
@@ -39,6 +47,11 @@ log = logging.getLogger(__name__)
 STUDY_FILE = "study.yaml"
 FAILED_FILE = "failed.json"
 CELL_FILE = "cell.json"
+CLAIMS_DIR = ".claims"
+"""Work-queue claims live beside the cells (a cell's own folder is emptied when it starts afresh)."""
+ORDERS = ("grid", "seed", "category")
+"""Cell order: ``grid`` (run, category, seed), ``seed`` (every run and category of a seed before the next seed:
+paired comparisons early), ``category`` (every run and seed of a category before the next)."""
 DEFAULT_SEEDS = (1, 11, 111, 1111, 11111)
 """``seeds: n`` means the first n of these (1, 11, 111 are ReContrast's Table A2 seeds)."""
 ID_COLUMNS = ("run", "preset", "category", "seed")
@@ -91,6 +104,9 @@ class Study:
     n_resamples: int = 10_000
     confidence: float = 0.95
     bootstrap_seed: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """When each part of a grown study was added: ``{"added": ISO time, "runs": [...], "categories": [...],
+    "seeds": [...]}`` per call that extended it (written by :func:`merge_studies`)."""
 
     def seed_list(self) -> list[int]:
         if isinstance(self.seeds, int):
@@ -109,13 +125,22 @@ class Study:
             root = self.data_root()
             if not root:
                 raise StudyError("categories: 'all' needs the dataset root (root: or --data.root)")
-            found = list_categories(root)
+            found = list_categories(root, **self._layout())
             if not found:
                 raise StudyError(f"no category folders found under {root}")
             return found
         if isinstance(self.categories, str):
             return [self.categories]
         return list(self.categories)
+
+    def _layout(self) -> dict[str, str]:
+        layout = (self.overrides.get("data") or {}).get("layout")
+        if layout is None and self.runs:  # the first run's preset says which dataset layout it reads
+            try:
+                layout = make_config(self.runs[0].preset, **self.runs[0].overrides).data.layout
+            except UsageError:
+                layout = None
+        return {"layout": layout} if layout else {}
 
     def labels(self) -> list[str]:
         return [r.label for r in self.runs]
@@ -246,7 +271,7 @@ def _saved_config_matches(cell: Cell) -> bool:
         return False
 
 
-def run_cell(cell: Cell, fit: Callable | None = None) -> dict[str, Any]:
+def run_cell(cell: Cell, fit: Callable | None = None, desc: str | None = None) -> dict[str, Any]:
     """Run one cell unless it is finished: resume it from its checkpoint, or start it afresh.
 
     A failure is written to ``failed.json`` in the cell's folder and returned, never raised (the study goes
@@ -264,13 +289,17 @@ def run_cell(cell: Cell, fit: Callable | None = None) -> dict[str, Any]:
     (cell.run_dir / FAILED_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
     try:
-        fit(cell.config, cell.run_dir, resume=resume)
+        if desc is None:
+            fit(cell.config, cell.run_dir, resume=resume)
+        else:
+            fit(cell.config, cell.run_dir, resume=resume, desc=desc)
     except Exception as err:  # noqa: BLE001 — one failed cell must not stop the others
         log.error("cell %s failed: %s", cell.run_dir, err)
         return _record_failure(cell, err)
     seconds = time.perf_counter() - start
     write_json(cell.run_dir / CELL_FILE, {"run": cell.run, "preset": cell.preset, "category": cell.category,
-                                          "seed": cell.seed, "fit_seconds": seconds, "resumed": resume})
+                                          "seed": cell.seed, "fit_seconds": seconds, "resumed": resume,
+                                          "host": socket.gethostname(), "pid": os.getpid()})
     return {"status": "done", "ran": True, "resumed": resume, "fit_seconds": seconds}
 
 
@@ -289,13 +318,37 @@ def _record_failure(cell: Cell, err: BaseException) -> dict[str, Any]:
     return info
 
 
+def config_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``["train.iterations: 2 → 3", ...]``: the settings in which two config mappings differ."""
+    lines = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return lines
+
+
+def _difference_to_saved(cell: Cell) -> list[str]:
+    from .config import config_to_dict
+    from .run import read_run_config
+
+    try:
+        saved = config_to_dict(read_run_config(cell.run_dir))
+    except Exception as err:  # noqa: BLE001 — an unreadable saved config is a difference, reported as such
+        return [f"its config.yaml cannot be read ({err})"]
+    return config_difference(saved, config_to_dict(cell.config))
+
+
 def check_finished(cells: Sequence[Cell]) -> None:
     """Refuse to mix results: a finished cell must have been trained with the configuration asked for now."""
-    stale = [str(c.run_dir) for c in cells if cell_status(c.run_dir) == "done" and not _saved_config_matches(c)]
+    stale = [c for c in cells if cell_status(c.run_dir) == "done" and not _saved_config_matches(c)]
     if stale:
+        shown = "; ".join(f"{c.run_dir}: {', '.join(_difference_to_saved(c)[:4])}" for c in stale[:3])
         raise StudyError(f"{len(stale)} finished cell(s) were trained with another configuration than the study "
-                         f"asks for now: {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}. Delete them "
-                         "to re-run them, or restore the study file.")
+                         f"asks for now ({shown}{' ...' if len(stale) > 3 else ''}). Delete them to re-run them, "
+                         "or call with the settings they were trained with.")
 
 
 def resolved(study: Study) -> Study:
@@ -303,6 +356,241 @@ def resolved(study: Study) -> Study:
     from dataclasses import replace
 
     return replace(study, categories=study.category_list(), seeds=study.seed_list())
+
+
+# -- a study folder grows -----------------------------------------------------------------------------------
+def merge_studies(saved: Study | None, new: Study, when: str | None = None) -> Study:
+    """The union of a folder's study and a later call: runs, categories and seeds are added (never removed).
+
+    Settings shared by every cell (overrides, baseline, statistics options) are the new call's; a run label given
+    again takes the new definition. Whether that changes a finished cell is checked on the cells
+    (:func:`check_finished`), so only contradictions with trained cells are refused.
+    """
+    from dataclasses import replace
+
+    new = resolved(new)
+    when = when or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if saved is None:
+        return replace(new, history=[{"added": when, "runs": new.labels(), "categories": list(new.categories),
+                                      "seeds": list(new.seeds)}])
+    saved = resolved(saved)
+    by_label = {r.label: r for r in saved.runs} | {r.label: r for r in new.runs}
+    runs = [by_label[label] for label in dict.fromkeys([*saved.labels(), *new.labels()])]
+    categories = list(dict.fromkeys([*saved.categories, *new.categories]))
+    seeds = list(dict.fromkeys([*saved.seeds, *new.seeds]))
+    added = {"runs": [x for x in new.labels() if x not in saved.labels()],
+             "categories": [c for c in new.categories if c not in saved.categories],
+             "seeds": [s for s in new.seeds if s not in saved.seeds]}
+    history = list(saved.history) + ([{"added": when, **added}] if any(added.values()) else [])
+    merged = replace(new, runs=runs, categories=categories, seeds=seeds, history=history)
+    merged.validate()
+    return merged
+
+
+def _saved_study(output: Path) -> Study | None:
+    path = output / STUDY_FILE
+    return load_study(path) if path.is_file() else None
+
+
+def order_cells(cells: list[Cell], order: str) -> list[Cell]:
+    if order not in ORDERS:
+        raise StudyError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order == "grid":
+        return list(cells)
+    runs = list(dict.fromkeys(c.run for c in cells))
+    categories = list(dict.fromkeys(c.category for c in cells))
+    seeds = list(dict.fromkeys(c.seed for c in cells))
+    if order == "seed":
+        key = lambda c: (seeds.index(c.seed), categories.index(c.category), runs.index(c.run))  # noqa: E731
+    else:
+        key = lambda c: (categories.index(c.category), seeds.index(c.seed), runs.index(c.run))  # noqa: E731
+    return sorted(cells, key=key)
+
+
+def select_cell(cells: Sequence[Cell], spec: str) -> Cell:
+    """The cell named ``run/category/seed`` (the run label may itself hold slashes: the last two parts are the
+    category and the seed)."""
+    *run, category, seed = spec.split("/") if spec.count("/") >= 2 else ("", "", "")
+    seed = seed.removeprefix("seed")
+    for cell in cells:
+        if (cell.run, cell.category, str(cell.seed)) == ("/".join(run), category, seed):
+            return cell
+    known = ", ".join(f"{c.run}/{c.category}/{c.seed}" for c in cells[:4])
+    raise StudyError(f"--cell {spec!r} is not a cell of this study; cells look like {known}, ...")
+
+
+def validate_cells(cells: Sequence[Cell]) -> None:
+    """Every cell's backbone, taps, widths and settings checked before any cell trains, named by its cell."""
+    from .validation import validate_study_cells
+
+    validate_study_cells({f"{c.run}/{c.category}/seed{c.seed}": c.config for c in cells})
+
+
+# -- the console ---------------------------------------------------------------------------------------------
+class CellReporter:
+    """One line per cell as it starts and ends, with an ETA for the study (log level INFO of ``reconad.study``,
+    which ``reconad study`` shows by default): ``cell 3/18 recontrast/full · grass · seed 1 — done in 3 min 02 s,
+    I-AUROC 77.7 · ETA 41 min``."""
+
+    def __init__(self, cells: Sequence[Cell], workers: int = 1):
+        self.number = {c.key: i + 1 for i, c in enumerate(cells)}
+        self.total, self.workers = len(cells), max(1, workers)
+        self.cells = list(cells)
+        self.durations: list[float] = []
+
+    def name(self, cell: Cell) -> str:
+        return f"cell {self.number[cell.key]}/{self.total} {cell.run} · {cell.category} · seed {cell.seed}"
+
+    def started(self, cell: Cell, resumed: bool = False) -> None:
+        log.info("%s — %s", self.name(cell), "resumed" if resumed else "started")
+
+    def ended(self, cell: Cell, result: dict[str, Any], seconds: float) -> None:
+        from .progress import format_duration
+        from .run import METRICS_FILE
+
+        if result.get("status") == "failed":
+            text = f"failed after {format_duration(seconds)}: {result.get('error', '')}"
+        else:
+            self.durations.append(seconds)
+            auroc = _read_json(cell.run_dir / METRICS_FILE).get("metrics", {}).get("image_auroc")
+            text = f"done in {format_duration(seconds)}" + (f", I-AUROC {100 * auroc:.1f}" if _finite(auroc) else "")
+        log.info("%s — %s%s", self.name(cell), text, self.eta())
+
+    def eta(self) -> str:
+        from .progress import format_duration
+
+        left = sum(cell_status(c.run_dir) not in ("done", "failed") for c in self.cells)
+        if not left:
+            return " · study finished"
+        if not self.durations:
+            return f" · {left} cell(s) left"
+        return f" · {left} left, ETA {format_duration(left * float(np.mean(self.durations)) / self.workers)}"
+
+
+def _run_reported(cell: Cell, reporter: CellReporter, fit: Callable | None) -> dict[str, Any]:
+    reporter.started(cell, cell_status(cell.run_dir) == "partial")
+    start = time.perf_counter()
+    result = run_cell(cell, fit, desc=reporter.name(cell) if fit is None else None)
+    reporter.ended(cell, result, time.perf_counter() - start)
+    return result
+
+
+# -- the shared work queue -----------------------------------------------------------------------------------
+@dataclass
+class Claim:
+    """A worker's claim of one cell: ``<study>/.claims/<run>__<category>__seed<k>.json`` created with
+    ``O_CREAT | O_EXCL`` (only one worker can create it), holding host, pid and a heartbeat that a thread renews;
+    a claim whose heartbeat is older than ``stale_seconds`` belongs to a dead worker and is taken over."""
+
+    path: Path
+    token: str
+    heartbeat_seconds: float
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "heartbeat": time.time()}
+
+    def start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(self.heartbeat_seconds):
+                if _read_claim(self.path).get("token") != self.token:
+                    log.warning("claim %s was taken over by another worker", self.path)
+                    return
+                write_json(self.path, self.body())
+
+        self._thread = threading.Thread(target=beat, name=f"heartbeat {self.path.name}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if _read_claim(self.path).get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+
+def claim_path(output: Path, cell: Cell) -> Path:
+    safe_run = cell.run.replace("/", "-")
+    return output / CLAIMS_DIR / f"{safe_run}__{cell.category}__seed{cell.seed}.json"
+
+
+def _read_claim(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, or caught between two atomic renames: no claim to honour
+        return {}
+
+
+def _create_claim(path: Path, claim: Claim) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump(claim.body(), fh)
+    return True
+
+
+def try_claim(output: Path, cell: Cell, heartbeat_seconds: float, stale_seconds: float) -> Claim | None:
+    """Claim ``cell`` for this process, taking over a stale claim; ``None`` when another live worker holds it."""
+    path = claim_path(output, cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    claim = Claim(path, uuid.uuid4().hex, heartbeat_seconds)
+    if _create_claim(path, claim):
+        return claim
+    held = _read_claim(path)
+    if not held or time.time() - float(held.get("heartbeat", 0)) < stale_seconds:
+        return None
+    # Stale: move it aside atomically (one worker wins the rename), check that what was moved is the stale claim
+    # judged above (not a fresh claim another worker made meanwhile; that one is put back), then claim anew
+    aside = path.with_name(f"{path.name}.stale-{claim.token}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return None
+    moved = _read_claim(aside)
+    if moved.get("token") != held.get("token"):
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        aside.unlink(missing_ok=True)
+        return None
+    aside.unlink(missing_ok=True)
+    log.warning("taking over %s/%s/seed%d from %s pid %s (no heartbeat for %.0f s)", cell.run, cell.category,
+                cell.seed, held.get("host"), held.get("pid"), time.time() - float(held.get("heartbeat", 0)))
+    return claim if _create_claim(path, claim) else None
+
+
+def run_worker(cells: list[Cell], output: Path, reporter: CellReporter, fit: Callable | None = None,
+               heartbeat_seconds: float = 30.0, stale_seconds: float | None = None,
+               poll_seconds: float | None = None) -> None:
+    """Take the next unclaimed cell until every cell is done or failed (waiting while live workers hold some).
+
+    Failed cells are not retried by workers (``failed.json``); a plain ``reconad study`` call retries them.
+    """
+    stale_seconds = stale_seconds or 4 * heartbeat_seconds
+    poll_seconds = poll_seconds or heartbeat_seconds
+    while True:
+        open_cells = [c for c in cells if cell_status(c.run_dir) not in ("done", "failed")]
+        if not open_cells:
+            return
+        ran = False
+        for cell in open_cells:
+            claim = try_claim(output, cell, heartbeat_seconds, stale_seconds)
+            if claim is None:
+                continue
+            try:
+                if cell_status(cell.run_dir) not in ("done", "failed"):  # finished while we looked: skip it
+                    claim.start_heartbeat()
+                    _run_reported(cell, reporter, fit)
+                    ran = True
+            finally:
+                claim.release()
+            break
+        if not ran:
+            time.sleep(poll_seconds)  # the open cells are held by live workers: wait for them or their heartbeat
 
 
 # -- running ------------------------------------------------------------------------------------------------
@@ -334,54 +622,86 @@ def _torchrun_worker_env() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = local_rank
 
 
-def _run_with_ray(cells: list[Cell], ray_options: dict[str, Any]) -> list[dict[str, Any]]:
+def _run_with_ray(cells: list[Cell], ray_options: dict[str, Any], reporter: CellReporter) -> list[dict[str, Any]]:
+    """Each cell a Ray task (``ray_options``: its resources, default one CPU); ``RAY_ADDRESS`` joins a cluster,
+    else a local one is started. Lines are printed here, in the driver, as tasks finish."""
     try:
         import ray
     except ImportError as err:
-        raise StudyError("launcher 'ray' needs `pip install ray`") from err
+        raise StudyError("launcher 'ray' needs `pip install 'reconad[ray]'` (or `pip install ray`)") from err
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
+    address = getattr(ray.get_runtime_context(), "gcs_address", None)
+    log.info("ray: %d cell(s) as tasks on the cluster at %s", len(cells), address)
     remote = ray.remote(**(ray_options or {"num_cpus": 1}))(run_cell)
-    return ray.get([remote.remote(cell) for cell in cells])
+    start = time.perf_counter()
+    pending = {remote.remote(cell): cell for cell in cells}
+    results = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(ready[0])
+        results[cell.key] = ray.get(ready[0])
+        reporter.ended(cell, results[cell.key], time.perf_counter() - start)
+    return [results[c.key] for c in cells]
+
+
+def prepare_study(study: Study, output: str | Path, *, write: bool = True) -> tuple[Study, list[Cell]]:
+    """The folder's study grown by ``study`` and its cells, checked: configs valid, finished cells unchanged.
+
+    Nothing is written when a check fails; ``write`` records the grown ``study.yaml``.
+    """
+    output = Path(output)
+    merged = merge_studies(_saved_study(output), study)
+    cells = make_cells(merged, output)
+    validate_cells(cells)
+    check_finished(cells)
+    if write:
+        output.mkdir(parents=True, exist_ok=True)
+        write_yaml(output / STUDY_FILE, merged.to_dict())
+    return merged, cells
 
 
 def run_study(study: Study, output: str | Path, *, launcher: Literal["sequential", "ray"] = "sequential",
               shard: str | tuple[int, int] | None = None, ray_options: dict[str, Any] | None = None,
-              fit: Callable | None = None, tables: bool = True) -> list[dict[str, Any]]:
+              fit: Callable | None = None, tables: bool = True, worker: bool = False, cell: str | None = None,
+              order: str = "grid", heartbeat_seconds: float = 30.0) -> list[dict[str, Any]]:
     """Run (or continue) every cell of a study, then write its tables.
 
     Args:
-        study: The study.
-        output: The study folder; finished cells found there are not run again.
+        study: The study; a folder that already holds one grows by it (:func:`merge_studies`).
+        output: The study folder.
         launcher: ``sequential`` (this process) or ``ray`` (one Ray task per cell).
-        shard: Run only the cells ``i`` with ``i % n == k`` (``"k/n"``) or a torchrun worker's share
-            (``"torchrun"``); tables then cover what is on disk so far (``reconad report`` collects all).
+        shard: ``(k, n)`` / ``"k/n"``: run cells ``k, k+n, ...`` only; ``"torchrun"``: this torchrun worker's
+            share; tables then cover what is on disk so far (``reconad report`` collects all).
         ray_options: ``ray.remote`` resources per cell, e.g. ``{"num_gpus": 1}``.
         fit: The training function (default ``reconad.engine.fit``); tests substitute it.
         tables: Write the result tables after the cells.
+        worker: Take cells from the shared work queue (claim files) instead of a fixed share.
+        cell: Run this one cell only (``run/category/seed``).
+        order: ``grid``, ``seed`` or ``category`` (:data:`ORDERS`).
+        heartbeat_seconds: Worker claims are renewed this often and taken over after 4× this.
 
     Returns:
         The result rows (see :func:`collect`).
     """
     output = Path(output)
+    k, n = parse_shard(shard)
     if shard == "torchrun":
-        k, n = parse_shard(shard)
         _torchrun_worker_env()
-    else:
-        k, n = parse_shard(shard)
-    study = resolved(study)
-    cells = make_cells(study, output)
-    check_finished(cells)
-    output.mkdir(parents=True, exist_ok=True)
-    if k == 0:
-        write_yaml(output / STUDY_FILE, study.to_dict())
-    mine = [c for i, c in enumerate(cells) if i % n == k]
-    log.info("study %s: %d cells, %d in this shard", output, len(cells), len(mine))
-    if launcher == "ray":
-        _run_with_ray(mine, ray_options or {})
+    study, cells = prepare_study(study, output, write=k == 0)
+    cells = order_cells(cells, order)
+    reporter = CellReporter(cells)
+    mine = [select_cell(cells, cell)] if cell else [c for i, c in enumerate(cells) if i % n == k]
+    log.info("study %s: %d cells, %d to run here (%s)", output, len(cells), len(mine),
+             "work queue" if worker else launcher)
+    if worker:
+        run_worker(mine, output, reporter, fit, heartbeat_seconds)
+    elif launcher == "ray":
+        _run_with_ray(mine, ray_options or {}, reporter)
     elif launcher == "sequential":
-        for cell in mine:
-            run_cell(cell, fit)
+        for c in mine:
+            if cell_status(c.run_dir) != "done":
+                _run_reported(c, reporter, fit)
     else:
         raise StudyError(f"launcher must be 'sequential' or 'ray', got {launcher!r}")
     rows = collect(output, study)

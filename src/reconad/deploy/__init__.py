@@ -12,7 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "Calibration": "calibration", "CalibrationError": "calibration", "calibrate_from_scores": "calibration",
-    "calibrate_run": "calibration", "conformal_threshold": "calibration", "load_calibration": "calibration",
+    "calibrate_run": "calibrate", "conformal_threshold": "calibration", "load_calibration": "calibration",
     "write_calibration": "calibration", "min_normals_for": "calibration",
     "Detector": "runtime", "DetectorResult": "runtime", "ExportError": "runtime", "preprocess": "runtime",
     "RunPredictor": "predict", "PredictSummary": "predict", "open_predictor": "predict", "predict_folder": "predict",

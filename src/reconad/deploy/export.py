@@ -91,8 +91,9 @@ _UNSUPPORTED.append((
     "test-time feature matching (EFDM) sorts features with torch's default unstable sort (the official setting), "
     "whose order among tied values (post-ReLU zeros) no exported runtime reproduces (ONNX TopK breaks ties by "
     "position, i.e. a stable sort)",
-    "export with the stable sort: `reconad export RUN --override match_stable_sort=true` (then re-calibrate the "
-    "run with the same setting), or turn matching off with `--override match=false`"))
+    "export with the stable sort: `reconad export RUN --override match_stable_sort=true` (for thresholds that "
+    "match the export exactly, set model.match_stable_sort: true in the run's config.yaml and re-run `reconad "
+    "calibrate`), or turn matching off with `--override match=false`"))
 
 
 def apply_model_overrides(method: nn.Module, overrides: dict[str, Any] | None) -> None:
@@ -116,7 +117,7 @@ def _check_exportable(method: nn.Module, fmt: str) -> None:
         raise ExportError(f"unknown export format {fmt!r}; use one of {sorted(FORMATS)}")
     for name, f, condition, operation, switch in _UNSUPPORTED:
         if method.name == name and f == fmt and condition(method):
-            raise ExportError(f"{name} cannot be exported to {fmt}: {operation} has no {fmt} equivalent; {switch}")
+            raise ExportError(f"{name} cannot be exported to {fmt}: {operation}; {switch}")
 
 
 # -- sample images ----------------------------------------------------------------------------------------------
@@ -136,9 +137,9 @@ def _run_sample_images(cfg: Any, limit: int = MAX_PARITY_IMAGES) -> list[Path]:
 def _sample_paths(images: str | Path | Sequence[str | Path] | None, cfg: Any) -> list[Path]:
     if images is None:
         return _run_sample_images(cfg)
-    from .predict import _image_files
+    from .predict import image_files
 
-    return [p for p, _ in _image_files(images)][:MAX_PARITY_IMAGES]
+    return [p for p, _ in image_files(images)][:MAX_PARITY_IMAGES]
 
 
 # -- exporting --------------------------------------------------------------------------------------------------
@@ -169,6 +170,8 @@ def _float64_convs_as_float32(model: Any) -> Any:
     import onnx
     from onnx import TensorProto, helper
 
+    if not any(t.data_type == TensorProto.DOUBLE for t in model.graph.initializer):
+        return model  # no float64 weights, so no float64 Conv
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in
              [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
@@ -204,16 +207,22 @@ def _export_torchscript(module: nn.Module, example: Tensor, path: Path) -> None:
 
 
 # -- running an export ------------------------------------------------------------------------------------------
-def _run_exported(export_dir: Path, metadata: dict[str, Any], images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _exported_runner(export_dir: Path, metadata: dict[str, Any]) -> Any:
+    """``images01 → (maps, scores)`` of an export (the torch-free Detector for ONNX)."""
     if metadata["format"] == "onnx":
         from .runtime import Detector
 
-        detector = Detector(export_dir, threads=torch.get_num_threads())
-        return detector.run(images)
-    module = torch.jit.load(str(export_dir / metadata["model_file"]), map_location="cpu")
-    with torch.no_grad():
-        maps, scores = module(torch.from_numpy(images))
-    return maps.numpy(), scores.numpy()
+        return Detector(export_dir, threads=torch.get_num_threads()).run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(str(export_dir / metadata["model_file"]), map_location="cpu")
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            maps, scores = module(torch.from_numpy(images))
+        return maps.numpy(), scores.numpy()
+
+    return run
 
 
 def _parity(method: nn.Module, export_dir: Path, metadata: dict[str, Any], paths: list[Path],
@@ -224,8 +233,9 @@ def _parity(method: nn.Module, export_dir: Path, metadata: dict[str, Any], paths
     device = next(method.parameters()).device
     eager = method.predict(torch.from_numpy(images).to(device))
     eager_maps, eager_scores = eager.anomaly_map.float().cpu().numpy(), eager.score.float().cpu().numpy()
-    maps, scores = _run_exported(export_dir, metadata, images)
-    one_map, one_score = _run_exported(export_dir, metadata, images[:1])  # the batch axis is dynamic
+    run = _exported_runner(export_dir, metadata)
+    maps, scores = run(images)
+    one_map, one_score = run(images[:1])  # the batch axis is dynamic
     map_diff = max(float(np.abs(maps - eager_maps).max()), float(np.abs(one_map - eager_maps[:1]).max()))
     score_diff = np.abs(np.r_[scores - eager_scores, one_score - eager_scores[:1]])
     scale = np.maximum(1.0, np.abs(np.r_[eager_scores, eager_scores[:1]]))

@@ -47,6 +47,7 @@ class RunPredictor:
             "resize_size": int(data.image_size), "resize": data.resize, "crop_size": data.crop_size,
             "threshold": self.calibration.image_threshold if self.calibration else None,
             "threshold_source": threshold_source(self.calibration), "run_dir": str(run_dir),
+            "parity": None,  # eager PyTorch is the reference itself
         }
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
@@ -90,7 +91,7 @@ def open_predictor(path: str | Path, device: str = "cpu", batch_size: int = 8) -
 
 
 # -- folders of images ------------------------------------------------------------------------------------------
-def _image_files(inputs: str | Path | Sequence[str | Path]) -> list[tuple[Path, str]]:
+def image_files(inputs: str | Path | Sequence[str | Path]) -> list[tuple[Path, str]]:
     """(file, output name): the path relative to the folder given (suffix kept, so a.png and a.jpg differ)."""
     if isinstance(inputs, (str, Path)) and Path(inputs).is_dir():
         root = Path(inputs)
@@ -108,7 +109,7 @@ def _image_files(inputs: str | Path | Sequence[str | Path]) -> list[tuple[Path, 
     return list(zip(paths, names))
 
 
-def _mask_for(masks: Path | None, name: str) -> Path | None:
+def find_mask(masks: Path | None, name: str) -> Path | None:
     """The ground-truth mask of ``name`` in ``masks``: same relative path, or ``<stem>_mask.<ext>``, any suffix."""
     if masks is None:
         return None
@@ -189,7 +190,7 @@ def predict_folder(run_dir: str | Path, inputs: str | Path | Sequence[str | Path
 
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)
-    files = _image_files(inputs)
+    files = image_files(inputs)
     predictor = open_predictor(run_dir, device, batch_size)
     cal = predictor.calibration
     limit, source = _decision_threshold(cal, threshold, far)
@@ -205,8 +206,8 @@ def predict_folder(run_dir: str | Path, inputs: str | Path | Sequence[str | Path
         for (path, name), image, amap, score in zip(chunk, images, maps, scores):
             result = make_result(amap[0], score, cal, limit)
             n_flagged += result.label == "anomalous"
-            rows.append(_write_outputs(output_dir, path, name, image, result, cal, _mask_for(masks, name),
-                                       predictor.image_size, figures))
+            rows.append(_write_outputs(output_dir, path, name, image, result, cal, find_mask(masks, name),
+                                       predictor.metadata, figures))
     _write_csv(output_dir / "scores.csv", rows)
     summary = PredictSummary(len(rows), n_flagged if limit is not None else None, limit, source, str(output_dir), rows)
     log.info(summary.line())
@@ -214,14 +215,15 @@ def predict_folder(run_dir: str | Path, inputs: str | Path | Sequence[str | Path
 
 
 def _write_outputs(output_dir: Path, path: Path, name: str, image: np.ndarray, result: DetectorResult,
-                   cal: Calibration | None, mask_path: Path | None, size: int, figures: bool) -> dict[str, Any]:
+                   cal: Calibration | None, mask_path: Path | None, metadata: dict[str, Any], figures: bool
+                   ) -> dict[str, Any]:
     from ..visualize import save_float_map, save_png
 
     save_float_map(output_dir / "maps" / f"{name}.tiff", result.anomaly_map)
     if result.mask is not None:
         save_png(output_dir / "masks" / f"{name}.png", result.mask.astype(np.uint8) * 255)
     if figures:
-        truth = _load_truth(mask_path, path, size) if mask_path is not None else None
+        truth = load_truth(mask_path, metadata) if mask_path is not None else None
         from .figures import save_prediction_figure
 
         save_prediction_figure(output_dir / "figures" / f"{name}.png", image.transpose(1, 2, 0), result, cal, truth)
@@ -230,10 +232,11 @@ def _write_outputs(output_dir: Path, path: Path, name: str, image: np.ndarray, r
             "flagged_pixels": int(result.mask.sum()) if result.mask is not None else None}
 
 
-def _load_truth(mask_path: Path, image_path: Path, size: int) -> np.ndarray:
+def load_truth(mask_path: Path, metadata: dict[str, Any]) -> np.ndarray:
+    """A ground-truth mask resized and binarised as the training pipeline does (``reconad.data.load_mask``)."""
     from ..data import load_mask
 
-    return load_mask(mask_path, size).numpy()[0] > 0
+    return load_mask(mask_path, int(metadata["resize_size"]), crop_size=metadata.get("crop_size")).numpy()[0] > 0
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -153,7 +153,10 @@ def evaluate(run_dir: str | Path, data_overrides: dict[str, Any] | None = None, 
     cfg = read_run_config(run_dir)
     if data_overrides:
         cfg.data = replace(cfg.data, **data_overrides)
+    from ..acceleration import apply_inference_speedups
+
     method = load(run_dir, device)
+    apply_inference_speedups(method, cfg.eval)
     _, _, test_set = build_datasets(cfg.data)
     out = predict_dataset(method, test_set, cfg.data.eval_batch_size, torch.device(device), cfg.data.num_workers)
     metrics = score_outputs(out, cfg, test_set)

@@ -33,6 +33,7 @@ from ..run import (
     set_rng_state,
     write_config,
 )
+from .distributed import mean_over_ranks
 from .evaluation import EvaluationError, predict_dataset, score_outputs, write_overlays, write_test_results
 from .services import CheckpointTimer, SnapshotSelection, finite_terms
 from .training import EpochSampler, make_loader, make_optimizer, make_scheduler, set_seed, to_device, total_batches
@@ -50,23 +51,22 @@ class RunResult:
 
 
 def _fabric(cfg: RunConfig):
-    from lightning.fabric import Fabric
+    from .distributed import make_fabric
 
-    fabric = Fabric(accelerator=cfg.train.accelerator, devices=cfg.train.devices, precision=cfg.train.precision)
-    fabric.launch()
-    return fabric
+    return make_fabric(cfg)
 
 
 def _validate(cfg: RunConfig) -> None:
-    try:  # TEMP until validation.py lands
-        from ..validation import validate_run_config
-    except ImportError:
-        return
-    validate_run_config(cfg)
+    from ..trackers import logger_names
+
+    logger_names(cfg.train.loggers)  # an unknown tracker is refused before anything is written
+    from ..validation import validate_run_config
+
+    validate_run_config(cfg)  # every setting, the network's size rule, taps and widths: before any download or write
 
 
 def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-        stop_after: int | None = None, overwrite: bool = False) -> RunResult:
+        stop_after: int | None = None, overwrite: bool = False, desc: str | None = None) -> RunResult:
     """Train ``cfg.method`` on ``cfg.data``, save the final model, then evaluate it.
 
     Args:
@@ -76,6 +76,10 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
         resume: continue the run in ``run_dir`` from its last checkpoint, exactly.
         stop_after: stop (after checkpointing) once this many batches are done — simulates an interrupted run.
         overwrite: replace whatever ``run_dir`` holds.
+        desc: the training bar's label (default ``fit <method>``; a study names its cell).
+
+    Under DDP (``train.devices`` > 1, ``reconad.engine.distributed``) every rank runs this function; only rank 0
+    writes, and evaluations run on rank 0 over the whole test set while the other ranks wait.
     """
     from ..data import build_datasets
 
@@ -83,7 +87,10 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    from .distributed import launch_rank
+
+    if launch_rank() == 0:  # ranks > 0 start later, when rank 0 may already have created the folder
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     fabric = _fabric(cfg)
     set_seed(cfg.train.seed, cfg.train.deterministic)
     method = build_method(cfg)
@@ -95,11 +102,17 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     jsonl = JsonlLog(run_dir / LOG_FILE, enabled=fabric.is_global_zero)
 
     method.prepare(make_loader(train_set, cfg.data.eval_batch_size, cfg.data.num_workers))
+    if fabric.world_size > 1 and cfg.train.sync_bn:
+        from .distributed import convert_sync_batchnorm
+
+        method = convert_sync_batchnorm(method, fabric.device)
     optimizer = make_optimizer(method, cfg)
     model, optimizer = fabric.setup(method, optimizer)
     model.mark_forward_method("loss")
     per_rank = math.ceil(len(train_set) / fabric.world_size)
-    batch_size = cfg.data.batch_size
+    from .distributed import per_rank_batch
+
+    batch_size = per_rank_batch(cfg.data.batch_size, fabric.world_size)
     batches_per_epoch = per_rank // batch_size if cfg.data.drop_last else math.ceil(per_rank / batch_size)
     total = total_batches(cfg, batches_per_epoch)
     accumulate = max(1, cfg.train.accumulate)
@@ -118,11 +131,29 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
 
     loop = _TrainLoop(cfg, fabric, model, method, optimizer, scheduler, train_set, test_set, run_dir, jsonl,
                       total, batches_per_epoch, accumulate, snapshots)
-    done = loop.run(done, stop_after)
-    if done < total:
-        return RunResult(run_dir, {}, jsonl.read())
-    return _finish(cfg, fabric, method, loop, snapshots, holdout_set, train_set, test_set, run_dir, jsonl, done,
-                   batches_per_epoch)
+    loop.desc = desc or loop.desc
+    trackers = _open_trackers(cfg, run_dir, jsonl) if fabric.is_global_zero else None
+    try:
+        done = loop.run(done, stop_after)
+        if done < total:
+            return RunResult(run_dir, {}, jsonl.read())
+        return _finish(cfg, fabric, method, loop, snapshots, holdout_set, train_set, test_set, run_dir, jsonl, done,
+                       batches_per_epoch)
+    finally:
+        if trackers is not None:
+            trackers.close()
+
+
+def _open_trackers(cfg: RunConfig, run_dir: Path, jsonl: JsonlLog):
+    """Experiment trackers (``train.loggers``) receive every log entry; ``log.jsonl`` stays the ground truth."""
+    if not cfg.train.loggers:
+        return None
+    from ..config import config_to_dict
+    from ..trackers import open_trackers
+
+    trackers = open_trackers(cfg.train.loggers, run_dir, config_to_dict(cfg))
+    jsonl.listeners.append(trackers.log_entry)
+    return trackers
 
 
 def _finish(cfg, fabric, method, loop, snapshots, holdout_set, train_set, test_set, run_dir, jsonl, done,
@@ -133,9 +164,13 @@ def _finish(cfg, fabric, method, loop, snapshots, holdout_set, train_set, test_s
     if not fabric.is_global_zero:
         return RunResult(run_dir, {}, [])
     loop.checkpoint(done)  # the trained model is safe before anything can fail in the evaluation
+    from ..acceleration import apply_inference_speedups
+
+    speedups = apply_inference_speedups(method, cfg.eval)  # inference-only switches (eval.*), after the last save
     summary = {**selection, **calibration, "method": cfg.method, "category": cfg.data.category, "batches": done,
                "steps": done // loop.accumulate, "n_train": len(train_set), "n_test": len(test_set),
-               "backbone_weights": _weights_source(method, cfg)}
+               "backbone_weights": _weights_source(method, cfg), **({"inference": speedups} if speedups else {})}
+    summary.update(_threshold_calibration(method, cfg, holdout_set, run_dir, fabric.device))
     write_json(run_dir / PENDING_METRICS_FILE, summary)
     try:
         out = predict_dataset(method, test_set, cfg.data.eval_batch_size, fabric.device, cfg.data.num_workers,
@@ -153,11 +188,39 @@ def _finish(cfg, fabric, method, loop, snapshots, holdout_set, train_set, test_s
     (run_dir / PENDING_METRICS_FILE).unlink(missing_ok=True)
     write_test_results(out, run_dir, cfg.eval.pixel_metrics and getattr(test_set, "has_masks", True))
     write_overlays(out, test_set, run_dir / "overlays", cfg.eval.overlays)
+    if cfg.eval.examples:
+        from ..plots.runs import read_calibration
+        from ..visualize import write_examples
+
+        write_examples(out, test_set, run_dir / "examples", cfg.eval.examples, read_calibration(run_dir))
     if cfg.eval.plots:
         from ..plots import plot_run
 
         plot_run(run_dir)
     return RunResult(run_dir, metrics, jsonl.read())
+
+
+def _threshold_calibration(method: Method, cfg: RunConfig, holdout_set: Dataset | None, run_dir: Path,
+                           device: torch.device) -> dict[str, Any]:
+    """The decision threshold (``calibration.json``) from the held-out normals, when there are any.
+
+    Too few normals for ``eval.far`` is not fatal here — the trained model is saved — but said once, with the fix.
+    """
+    from ..deploy.calibration import CalibrationError, calibrate_from_scores, write_calibration
+
+    if holdout_set is None:
+        return {}
+    out = predict_dataset(method, holdout_set, cfg.data.eval_batch_size, device, cfg.data.num_workers,
+                          desc="calibrate")
+    try:
+        calibration = calibrate_from_scores(out.scores, out.maps, cfg.eval.far, cfg.eval.pixel_far, source="holdout")
+    except CalibrationError as err:
+        log.warning("no decision threshold for %s: %s. Calibrate later with `reconad calibrate %s --normal DIR` "
+                    "or a larger --data.holdout_fraction", run_dir, err, run_dir)
+        return {"threshold": {"skipped": str(err)}}
+    write_calibration(run_dir, calibration)
+    return {"threshold": {"far": calibration.far, "image_threshold": calibration.image_threshold,
+                          "n_images": calibration.n_images, "source": "holdout"}}
 
 
 def _weights_source(method: Method, cfg: RunConfig) -> str:
@@ -228,6 +291,14 @@ class _TrainLoop:
         self.timer = CheckpointTimer(cfg.train.checkpoint_every, cfg.train.checkpoint_minutes)
         self.window: dict[str, list[float]] = {}
         self.skipped = 0
+        self.batch_size = cfg.data.batch_size // fabric.world_size  # per rank; the global batch is the config's
+        self.desc = f"fit {cfg.method}"
+        if fabric.world_size > 1:
+            from .distributed import RankSampler
+
+            self.sampler_class = RankSampler
+        else:
+            self.sampler_class = EpochSampler
 
     def batches(self, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         cfg, done = self.cfg, start
@@ -235,9 +306,9 @@ class _TrainLoop:
             epoch, offset = divmod(done, self.per_epoch)
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(epoch)
-            sampler = EpochSampler(len(self.train_set), cfg.train.seed, epoch, offset * cfg.data.batch_size,
+            sampler = self.sampler_class(len(self.train_set), cfg.train.seed, epoch, offset * self.batch_size,
                                    self.fabric.global_rank, self.fabric.world_size)
-            loader = make_loader(self.train_set, cfg.data.batch_size, cfg.data.num_workers, sampler,
+            loader = make_loader(self.train_set, self.batch_size, cfg.data.num_workers, sampler,
                                  cfg.data.drop_last, pin_memory=self.fabric.device.type == "cuda",
                                  seed=cfg.train.seed * 1_000_003 + epoch)
             for batch in loader:
@@ -249,7 +320,7 @@ class _TrainLoop:
     def run(self, done: int, stop_after: int | None) -> int:
         cfg = self.cfg
         self.method.train()
-        bar = progress(total=self.total, initial=done, desc=f"fit {cfg.method}", disable=not self.fabric.is_global_zero)
+        bar = progress(total=self.total, initial=done, desc=self.desc, disable=not self.fabric.is_global_zero)
         for epoch, batch in self.batches(done):
             terms = self.step(batch, done)
             done += 1
@@ -271,9 +342,10 @@ class _TrainLoop:
 
     def step(self, batch: dict[str, Any], done: int) -> dict[str, float]:
         batch = to_device(batch, self.fabric.device)
-        terms = self.model.loss(batch, done / self.total)
+        local = self.model.loss(batch, done / self.total)
+        terms = mean_over_ranks(self.fabric, local)  # the global batch's terms, the same on every rank
         if finite_terms(terms, done + 1, self.cfg.train.skip_nonfinite):
-            loss = terms["loss"] / self.accumulate if self.cfg.train.accumulate_mean else terms["loss"]
+            loss = local["loss"] / self.accumulate if self.cfg.train.accumulate_mean else local["loss"]
             self.fabric.backward(loss)
         else:
             self.skipped += 1
@@ -298,6 +370,14 @@ class _TrainLoop:
             self.window = {}
 
     def evaluate(self, done: int, epoch: int, epoch_end: bool = False) -> None:
+        if self.fabric.world_size > 1:  # rank 0 evaluates the whole test set once; the others wait for it
+            if self.fabric.is_global_zero:
+                self._evaluate(done, epoch, epoch_end)
+            self.fabric.barrier()
+        else:
+            self._evaluate(done, epoch, epoch_end)
+
+    def _evaluate(self, done: int, epoch: int, epoch_end: bool = False) -> None:
         out = predict_dataset(self.method, self.test_set, self.cfg.data.eval_batch_size, self.fabric.device,
                               self.cfg.data.num_workers, self.fabric.autocast, desc=f"eval@{done}")
         metrics = score_outputs(out, self.cfg, self.test_set)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -29,6 +29,28 @@ class Prediction(NamedTuple):
     score: Tensor  # (B,)
 
 
+@dataclass(frozen=True)
+class SizeRule:
+    """Which square input sides a network takes: ``ceil(side / stride)`` must be a multiple of ``multiple``.
+
+    Strided convolutions of both backbone families round up (ResNet padding, TF "SAME"), so the feature map at
+    stride s of a side-H input is ``ceil(H / s)`` wide; a decoder that upsamples by 2 k times needs that a
+    multiple of 2^k. ``reason`` says which part of the network needs it (for messages).
+    """
+
+    stride: int
+    multiple: int
+    reason: str
+
+    def accepts(self, side: int) -> bool:
+        return side >= 1 and -(-side // self.stride) % self.multiple == 0
+
+    def suggestions(self, side: int) -> tuple[int, int]:
+        """The nearest sides below (at least one period) and above ``side`` that are multiples of the period."""
+        period = self.stride * self.multiple
+        return max(period, side // period * period), (side // period + 1) * period
+
+
 @dataclass
 class MethodConfig:
     """Settings every method has; subclasses add their own fields (defaults = official code)."""
@@ -50,6 +72,13 @@ class Method(nn.Module):
     trainable_backbone: ClassVar[bool] = False
     official_layout: ClassVar[Any] = None
     """An :class:`OfficialLayout` when official checkpoints of this method can be imported."""
+
+    @classmethod
+    def input_size_rule(cls, cfg: MethodConfig, feature_info: Sequence[Any]) -> SizeRule | None:
+        """The image sides this method's network takes with these taps (``feature_info``: the backbone's
+        :class:`~reconad.backbones.TapInfo` list), checked by ``reconad.validation`` before anything is built.
+        ``None``: not declared here (the validation knows the built-in methods' rules)."""
+        return None
 
     def __init__(self, cfg: MethodConfig, backbone: nn.Module):
         super().__init__()

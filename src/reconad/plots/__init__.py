@@ -14,7 +14,7 @@ from pathlib import Path
 from . import figures, style
 from .logs import read_log
 from .runs import RunFiles, histogram_data, load_run
-from .style import run_colors, save, safe_name
+from .style import run_colors, safe_name, save
 
 __all__ = ["PLOTS_DIR", "figures", "histogram_data", "load_run", "plot_run", "read_log", "run_colors", "safe_name",
            "save", "style"]

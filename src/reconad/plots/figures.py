@@ -44,8 +44,16 @@ def _figure_legend(fig, axes, ncol: int = 4) -> None:
                    ncol=min(ncol, len(handles)))
 
 
+def _seed_note(groups: Mapping[str, RunSeeds]) -> str:
+    several = any(len(seeds) > 1 for runs in groups.values() for seeds in runs.values())
+    return "line: mean over seeds · band: min–max over seeds" if several else "one seed per run"
+
+
 def _epoch_axis(ax, steps_per_epoch: float | None) -> None:
-    """A secondary x axis in epochs above a step axis (recipes that count epochs)."""
+    """Integer optimiser steps below; a secondary x axis in epochs above (recipes that count epochs)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if steps_per_epoch:
         top = ax.secondary_xaxis("top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch))
         top.set_xlabel(style.step_label(epochs=True))
@@ -103,8 +111,10 @@ def training_panels(panels: Mapping[str, RunSeeds], colors: Mapping[str, str], t
             ax.set(title=name, xlabel=style.step_label(), ylabel=style.quantity_label(name))
             _epoch_axis(ax, steps_per_epoch)
         _figure_legend(fig, axes)
-        fig.suptitle(f"{title}\nline: mean over seeds · band: min–max over seeds · line style: feature level",
-                     fontsize=10)
+        levels = any(lv for runs in panels.values() for seeds in runs.values() for s in seeds for lv in s
+                     if not lv.startswith("group"))
+        note = _seed_note(panels) + (" · line style: feature level (bold: total)" if levels else "")
+        fig.suptitle(f"{title}\n{note}", fontsize=10)
     return fig
 
 
@@ -133,7 +143,7 @@ def evaluation_figure(metrics: Mapping[str, RunSeeds], colors: Mapping[str, str]
                    ylabel=style.metric_label(metric, fpr_limit))
             _epoch_axis(ax, steps_per_epoch)
         _figure_legend(fig, axes)
-        fig.suptitle(f"{title}\nmean over seeds · band: min–max over seeds", fontsize=10)
+        fig.suptitle(f"{title}\n{_seed_note(metrics)}", fontsize=10)
     return fig
 
 
@@ -159,10 +169,11 @@ def _dot_chart(metrics: Mapping[str, RunSeeds], colors: Mapping[str, str], title
         ax.set_yticks(range(len(names)), [style.metric_label(m, fpr_limit) for m in names])
         ax.invert_yaxis()
         ax.set_xlim(max(0.0, ax.get_xlim()[0] - 5), min(104.0, ax.get_xlim()[1] + 6))
-        ax.set(xlabel="value (%)", title=f"{title} (one evaluation)")
+        ax.set(xlabel="value (%)")
+        fig.suptitle(f"{title}\none evaluation per run (final model)", fontsize=10)
         ax.grid(axis="y", visible=False)
         if len(runs) > 1:
-            ax.legend(loc="outside lower center", ncol=min(4, len(runs)))
+            _figure_legend(fig, [ax])
     return fig
 
 
@@ -251,7 +262,7 @@ def score_histograms(data: Mapping[str, Mapping[str, Any]], color: str, title: s
             ax.hist(anomalous, bins=bins, color=color, alpha=0.6, label=f"anomalous (n={anomalous.size})")
             if d.get("threshold") is not None:
                 ax.axvline(d["threshold"], color="#000000", linestyle="--", linewidth=1.2, label="threshold")
-            ax.set(title=category, xlabel=f"image score ({d.get('units', 'raw model units')})",
+            ax.set(title=category, xlabel=f"image score\n({d.get('units', 'raw model units')})",
                    ylabel="test images")
             ax.grid(axis="x", visible=False)
         _figure_legend(fig, axes, ncol=3)

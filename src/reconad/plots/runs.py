@@ -107,7 +107,8 @@ def fig5_data(groups: Mapping[str, Sequence[RunFiles]]) -> tuple[dict[str, list[
         for f in files:
             for level, xy in encoder_diversity(f).items():
                 levels.setdefault(level, {}).setdefault(run, []).append({"": xy})
-    return {r: s for r, s in auroc.items() if s}, dict(sorted(levels.items()))
+    with_diversity = {run for runs in levels.values() for run in runs}  # the ladder presets, not other methods
+    return {r: s for r, s in auroc.items() if s and r in with_diversity}, dict(sorted(levels.items()))
 
 
 def normalise(values: np.ndarray, median: float, threshold: float) -> np.ndarray:
@@ -127,7 +128,7 @@ def histogram_data(run_dir: str | Path) -> dict[str, Any] | None:
         median = (cal.get("score_quantiles") or {}).get("0.5")
         if median is not None:
             scores = normalise(scores, float(median), float(cal["image_threshold"]))
-            threshold, units = 1.0, "calibrated: 0 = median normal, 1 = threshold"
+            threshold, units = 1.0, "calibrated; 0 = median normal, 1 = threshold"
         else:
             threshold = float(cal["image_threshold"])
     return {"normal": scores[labels == 0], "anomalous": scores[labels == 1], "threshold": threshold, "units": units}

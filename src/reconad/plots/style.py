@@ -3,7 +3,8 @@
 * Colours: Okabe & Ito's colour-blind-safe palette (then Paul Tol's "muted" set for large studies). A run keeps
   its colour in every figure of a study: :func:`run_colors` maps the study's run list, in study order.
 * Line styles encode the feature level (``l1`` dotted, ``l2`` dashed, ``l3`` dash-dot); a group's total (no
-  level) is a thicker solid line; the learning rate's parameter groups are solid, dashed, ... The style depends on the level's name, not on drawing order.
+  level) is a thicker solid line; the learning rate's parameter groups are solid, dashed, ... The style depends
+  on the level's name, not on drawing order.
 * Axis labels carry the metric's definition and unit (``AUPRO@0.3 (%)``); :func:`quantity_label`.
 * Every figure is written as PNG (for the HTML report) and SVG (vector, for papers): :func:`save`.
 
@@ -108,7 +109,7 @@ def quantity_label(quantity: str) -> str:
     if family == "hm_discard_rate":
         return "discarded pixels (fraction)"
     if family == "diversity":
-        return "feature diversity (std of L2-normalised features)"
+        return "feature diversity (std, L2-norm. features)"
     return "loss (dimensionless)"
 
 

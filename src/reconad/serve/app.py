@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..errors import ReconadError
 from .batching import BatchQueue, QueueFull
-from .encode import NORMALISED_RANGE, colorbar_stops, result_json
+from .encode import NORMALISED_RANGE, RAW_UNITS, colorbar_stops, result_json
 from .images import ImageRejected, Limits, decode_image
 from .results import gather_results, served_file
 
@@ -49,12 +49,16 @@ def model_info(predictor: Any, limits: Limits, queue: BatchQueue) -> dict[str, A
         threshold = float(calibration.image_threshold)
         info["threshold"] = threshold
         info["normalised_threshold"] = float(calibration.normalise_score(threshold))
-        info["calibration"] = _jsonable(calibration.to_dict())
-        vmin, vmax = getattr(calibration, "map_range", None) or NORMALISED_RANGE
-        info["map"] = {"units": "normalised", "vmin": float(vmin), "vmax": float(vmax)}
+        # the sorted normal scores can be thousands of numbers: their count is enough here
+        info["calibration"] = _jsonable({k: v for k, v in calibration.to_dict().items() if k != "normal_scores"})
+        if getattr(calibration, "pixel_threshold", 0.0) is not None:
+            vmin, vmax = getattr(calibration, "map_range", None) or NORMALISED_RANGE
+            info["map"] = {"units": "normalised", "vmin": float(vmin), "vmax": float(vmax)}
+        else:
+            info["map"] = {"units": RAW_UNITS, "vmin": None, "vmax": None}
     else:
         info["threshold"] = info["normalised_threshold"] = None
-        info["map"] = {"units": "raw (per-image range: no calibration)", "vmin": None, "vmax": None}
+        info["map"] = {"units": RAW_UNITS, "vmin": None, "vmax": None}
         info["note"] = "this model has no calibration: scores are raw and no decision (label, region) is made"
     info["map"]["colorbar"] = colorbar_stops()
     info["limits"] = {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels, "max_files": limits.max_files,
@@ -155,8 +159,8 @@ def create_app(predictor: Any = None, *, results_root: str | Path | None = None,
             futures = queue.submit(images)
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
             calibration = predictor.calibration
-            answers = await run_in_threadpool(
-                lambda: [result_json(n, im.shape[:2], r, calibration, maps) for n, im, r in zip(names, images, results)])
+            answers = await run_in_threadpool(lambda: [result_json(name, image.shape[:2], result, calibration, maps)
+                                                       for name, image, result in zip(names, images, results)])
             return {"calibrated": calibration is not None, "results": answers}
 
     if results_root is not None:

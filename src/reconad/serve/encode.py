@@ -11,9 +11,10 @@ import numpy as np
 from PIL import Image
 
 COLORMAP = "jet"
-# the normalised map's display range when the calibration does not state one: normalisation puts the
-# calibrated threshold at 0.5, so [0, 1] shows the decision boundary mid-bar
-NORMALISED_RANGE = (0.0, 1.0)
+# the display range of normalised maps: calibration puts the median normal pixel at 0 and the pixel threshold at
+# 1.0 (reconad.deploy.calibration), so [0, 2] shows the decision boundary mid-bar on every image alike
+NORMALISED_RANGE = (0.0, 2.0)
+RAW_UNITS = "raw (per-image range: no pixel calibration)"
 MASK_RGBA = (255, 0, 255, 255)
 
 
@@ -64,7 +65,7 @@ def map_range(result: Any, calibrated: bool, calibration: Any = None) -> tuple[s
     amap = np.asarray(result.anomaly_map, np.float64)
     finite = amap[np.isfinite(amap)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    return "raw (per-image range: no calibration)", lo, hi
+    return RAW_UNITS, lo, hi
 
 
 def result_json(name: str, shape: tuple[int, int], result: Any, calibration: Any, maps: bool) -> dict[str, Any]:

@@ -6,10 +6,11 @@ const $ = (id) => document.getElementById(id);
 
 function fmt(x, digits = 4) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
 
-// The decision rule of the calibration, applied in the browser to the normalised score: anomalous at or above.
+// The calibration's decision rule (reconad.deploy: anomalous when score > threshold), applied in the browser to
+// the normalised score, which is monotone in the score: the slider re-labels without re-running the model.
 function decide(item) {
   if (!state.model.calibrated || item.result.normalised_score === null) return null;
-  return item.result.normalised_score >= state.threshold ? "anomalous" : "normal";
+  return item.result.normalised_score > state.threshold ? "anomalous" : "normal";
 }
 
 async function loadModel() {
@@ -86,7 +87,7 @@ function makeCard(file, result) {
         src="${heat}"></div><figcaption>heat map (${result.map ? result.map.units : ""})</figcaption></figure>
       <figure><div class="stack"><img alt="input" src="${input}">${mask}</div>
         <figcaption>${result.mask ? `predicted region (${fmt(100 * result.mask_fraction, 1)} %)`
-          : "no region (no calibration)"}</figcaption></figure>
+          : "no region (no pixel calibration)"}</figcaption></figure>
     </div>
     <div class="facts">
       <span>score <b class="score" data-score="${result.score}">${fmt(result.score)}</b></span>
