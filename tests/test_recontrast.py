@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from reconad.backbones import create_backbone
-from reconad.config import make_config
-from reconad.config import OptimConfig
+from reconad.config import OptimConfig, make_config
 from reconad.losses import global_cosine, hard_mining_mask, mask_gradient
 from reconad.maps import anomaly_map, cosine_distance_map
 from reconad.methods.recontrast import ReContrast, feature_diversity
