@@ -17,6 +17,7 @@ _EXPORTS = {
     "create_backbone": "reconad.backbones",
     "list_backbones": "reconad.backbones",
     "fit": "reconad.api",
+    "fit_config": "reconad.api",
     "resume": "reconad.api",
     "evaluate": "reconad.api",
     "predict": "reconad.api",

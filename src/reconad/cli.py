@@ -1,4 +1,4 @@
-"""Command line: ``reconad list | demo | fit | test | predict | study | report``.
+"""Command line: ``reconad list | demo | fit | test | predict | calibrate | export | serve | study | report``.
 
 Configuration is parsed by jsonargparse from the typed dataclasses in ``reconad.config`` and each method's
 ``Config``: ``--config PRESET`` (a preset name such as ``rd4ad`` or a YAML path) plus dotted overrides such as
@@ -23,7 +23,9 @@ def cmd_list(argv: Sequence[str]) -> int:
     from .registry import list_methods
 
     what = argv[0] if argv else "all"
-    tables = {"methods": list_methods, "backbones": list_backbones, "presets": list_presets}
+    from .data import list_layouts
+
+    tables = {"methods": list_methods, "backbones": list_backbones, "presets": list_presets, "layouts": list_layouts}
     if what != "all" and what not in tables:
         raise UsageError(f"reconad list: expected one of all, {', '.join(tables)}; got {what!r}")
     for name, fn in tables.items():

@@ -266,6 +266,10 @@ def build_parser(method: str, prog: str = "reconad fit"):
     parser.add_argument("--output_dir", type=str, default="runs")
     parser.add_argument("--name", type=str | None, default=None)
     parser.add_argument("--per_category", type=dict[str, dict[str, Any]], default={})
+    # run-folder flags, read by the CLI before parsing; listed here so that --help shows them
+    parser.add_argument("--run_dir", type=str | None, default=None, help="the run folder (default: output_dir/name)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--resume", action="store_true", help="reconad fit --resume RUN_DIR: continue a run exactly")
     return parser
 
 

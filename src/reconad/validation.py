@@ -14,14 +14,14 @@ the network runs and every reconstruction has the shape of its target.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .backbones import TapInfo, tap_info
 from .config import RunConfig
 from .errors import ConfigError
-from .methods.base import Method, MethodConfig, SizeRule
+from .methods.base import Method, MethodConfig, SizeRule, is_int, is_number
 
 __all__ = ["config_problems", "size_rule", "validate_run_config", "validate_study_cells"]
 
@@ -67,14 +67,6 @@ def _cell_label(cfg: RunConfig) -> str:
 
 
 # -- numbers --------------------------------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _hint(hint: str) -> str:
     return f": {hint}" if hint else ""
 
@@ -83,7 +75,7 @@ def _at_least(problems: Problems, setting: str, value: Any, low: int, hint: str 
     """An integer ``>= low`` (``None`` allowed when ``optional``)."""
     if value is None and optional:
         return
-    if not _is_int(value) or value < low:
+    if not is_int(value) or value < low:
         unset = " (or null)" if optional else ""
         problems.append(f"--{setting} must be an integer >= {low}{unset}, got {value!r}" + _hint(hint))
 
@@ -91,7 +83,7 @@ def _at_least(problems: Problems, setting: str, value: Any, low: int, hint: str 
 def _in_range(problems: Problems, setting: str, value: Any, low: float, high: float, *, low_open: bool = False,
               high_open: bool = False, hint: str = "") -> None:
     """A finite number in the interval given by ``low``/``high`` (open or closed ends)."""
-    ok = _is_number(value) and (value > low if low_open else value >= low) and (
+    ok = is_number(value) and (value > low if low_open else value >= low) and (
         value < high if high_open else value <= high)
     if not ok:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
@@ -101,7 +93,7 @@ def _in_range(problems: Problems, setting: str, value: Any, low: float, high: fl
 def _positive(problems: Problems, setting: str, value: Any, hint: str = "", optional: bool = False) -> None:
     if value is None and optional:
         return
-    if not _is_number(value) or value <= 0:
+    if not is_number(value) or value <= 0:
         problems.append(f"--{setting} must be a number > 0, got {value!r}" + _hint(hint))
 
 
@@ -111,7 +103,7 @@ def _data_problems(cfg: RunConfig) -> Problems:
     _at_least(problems, "data.eval_batch_size", data.eval_batch_size, 1, "e.g. --data.eval_batch_size 8")
     _at_least(problems, "data.image_size", data.image_size, 1, "e.g. --data.image_size 256")
     _at_least(problems, "data.crop_size", data.crop_size, 1, optional=True)
-    if _is_int(data.crop_size) and _is_int(data.image_size) and data.crop_size > data.image_size:
+    if is_int(data.crop_size) and is_int(data.image_size) and data.crop_size > data.image_size:
         problems.append(f"--data.crop_size ({data.crop_size}) must be <= --data.image_size ({data.image_size}): the "
                         "crop is taken from the resized image; lower the crop or raise the image size")
     _at_least(problems, "data.num_workers", data.num_workers, 0)
@@ -129,10 +121,10 @@ def _optim_problems(cfg: RunConfig) -> Problems:
     _in_range(problems, "optim.weight_decay", optim.weight_decay, 0, math.inf)
     _positive(problems, "optim.eps", optim.eps)
     betas = list(optim.betas) if isinstance(optim.betas, (list, tuple)) else [optim.betas]
-    if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+    if len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
         problems.append(f"--optim.betas must be two numbers in [0, 1), got {optim.betas!r}")
     milestones = list(optim.milestones or [])
-    if not all(_is_number(m) and 0 < m <= 1 for m in milestones) or milestones != sorted(milestones):
+    if not all(is_number(m) and 0 < m <= 1 for m in milestones) or milestones != sorted(milestones):
         problems.append(f"--optim.milestones must be increasing fractions of the training in (0, 1], got "
                         f"{optim.milestones!r}: e.g. [0.8]")
     _positive(problems, "optim.gamma", optim.gamma)
@@ -183,15 +175,13 @@ def _network_problems(cfg: RunConfig) -> Problems:
     except ConfigError as err:
         return [*problems, str(err)]  # unknown backbone or taps: the network cannot be judged
     model_cfg = cfg.model if cfg.model is not None else cls.Config()
-    checks = _method_checks(cls)
-    if checks is not None:
-        problems += checks(cfg, model_cfg, info)
+    problems += cls.config_problems(cfg, model_cfg, info)
     if problems:  # a size rule is only meaningful for taps the method accepts
         return problems
     rule = size_rule(cls, model_cfg, info)
     side, setting = (cfg.data.crop_size, "data.crop_size") if cfg.data.crop_size else (cfg.data.image_size,
                                                                                         "data.image_size")
-    if rule is not None and _is_int(side) and side >= 1 and not rule.accepts(side):
+    if rule is not None and is_int(side) and side >= 1 and not rule.accepts(side):
         low, high = rule.suggestions(side)
         nearest = f"{low}" if low == high else f"{low} or {high}"
         problems.append(f"--{setting} {side} does not fit {cfg.method} on {cfg.backbone.name} (taps "
@@ -212,109 +202,5 @@ def _weights_problems(cfg: RunConfig) -> Problems:
 
 
 def size_rule(method: type[Method], model_cfg: MethodConfig, info: Sequence[TapInfo]) -> SizeRule | None:
-    """The image-side rule of ``method`` with these taps: its own :meth:`Method.input_size_rule`, else the rule of
-    the built-in method it is or derives from; ``None`` when none is known (any side is accepted)."""
-    declared = method.input_size_rule(model_cfg, info)
-    if declared is not None:
-        return declared
-    for klass in method.__mro__:
-        rule = _BUILTIN_SIZE_RULES.get(getattr(klass, "name", None))
-        if rule is not None:
-            return rule(model_cfg, info)
-    return None
-
-
-def _method_checks(method: type[Method]) -> Callable[[RunConfig, Any, Sequence[TapInfo]], Problems] | None:
-    for klass in method.__mro__:
-        checks = _BUILTIN_CHECKS.get(getattr(klass, "name", None))
-        if checks is not None:
-            return checks
-    return None
-
-
-# The rules of the built-in methods. They live here until each method class states its own through
-# Method.input_size_rule (the tests check them against the networks themselves).
-def _rd_size_rule(model_cfg: Any, info: Sequence[TapInfo]) -> SizeRule:
-    s = info[0].stride
-    return SizeRule(s, 8, f"the reverse-distillation decoder upsamples the stride-{8 * s} bottleneck x2 three times "
-                          f"back to the stride-{s} tap")
-
-
-def _ulsad_size_rule(model_cfg: Any, info: Sequence[TapInfo]) -> SizeRule:
-    s = info[-model_cfg.n_levels].stride
-    return SizeRule(s, 4, f"ULSAD's feature reconstruction network halves the stride-{s} features twice and "
-                          "upsamples them back")
-
-
-def _ssl_ae_size_rule(model_cfg: Any, info: Sequence[TapInfo]) -> SizeRule:
-    return SizeRule(1, 8, "the SDC autoencoder max-pools by 2 three times and upsamples back")
-
-
-def _taps_text(info: Sequence[TapInfo]) -> str:
-    return ", ".join(f"{t.name} (stride {t.stride}, {t.channels} ch)" for t in info)
-
-
-def _rd_checks(cfg: RunConfig, model_cfg: Any, info: Sequence[TapInfo]) -> Problems:
-    problems = []
-    s = info[0].stride if info else 0
-    if [t.stride for t in info] != [s, 2 * s, 4 * s]:
-        problems.append(f"--backbone.taps: {cfg.method} needs three taps at strides s, 2s, 4s, got "
-                        f"{_taps_text(info)}; e.g. [stride4, stride8, stride16] (the default)")
-    ratio = getattr(model_cfg, "width_ratio", None)
-    if ratio is not None and (not _is_number(ratio) or ratio <= 0):
-        problems.append(f"--model.width_ratio must be > 0 or null (mirror the backbone), got {ratio!r}")
-    return problems
-
-
-def _gnl_checks(cfg: RunConfig, model_cfg: Any, info: Sequence[TapInfo]) -> Problems:
-    from .backbones import stage_info
-
-    problems = _rd_checks(cfg, model_cfg, info)
-    stages = [i.name for i in stage_info(cfg.backbone.name)]
-    kept = stages[: stages.index(info[-1].name) + 1] if info else []
-    unknown = [s for s in (model_cfg.match_stages or []) if s not in kept]
-    if unknown:
-        problems.append(f"--model.match_stages {unknown} are not stages the backbone runs ({', '.join(kept)})")
-    if not _is_int(model_cfg.reference_count) or model_cfg.reference_count < 1:
-        problems.append(f"--model.reference_count must be an integer >= 1, got {model_cfg.reference_count!r}")
-    if not _is_int(model_cfg.reference_index) or model_cfg.reference_index < 0:
-        problems.append(f"--model.reference_index must be an integer >= 0, got {model_cfg.reference_index!r}")
-    return problems
-
-
-def _ulsad_checks(cfg: RunConfig, model_cfg: Any, info: Sequence[TapInfo]) -> Problems:
-    problems, levels = [], model_cfg.n_levels
-    if not _is_int(levels) or not 1 <= levels <= len(info):
-        return [f"--model.n_levels {levels!r} must be between 1 and the number of taps ({len(info)}: "
-                f"{_taps_text(info)}); set --backbone.taps, e.g. [stride8, stride16] (official: layer2, layer3)"]
-    channels = sum(t.channels for t in info[-levels:])
-    if not _is_int(model_cfg.feature_pool) or model_cfg.feature_pool < 1:
-        problems.append(f"--model.feature_pool must be an integer >= 1, got {model_cfg.feature_pool!r}")
-    dim = model_cfg.feature_dim
-    if dim is not None and (not _is_int(dim) or not 1 <= dim <= channels):
-        derived = max(1, channels // model_cfg.feature_pool) if _is_int(model_cfg.feature_pool) else "?"
-        problems.append(f"--model.feature_dim {dim!r} does not fit the {channels} channels of the aggregated taps "
-                        f"({_taps_text(info[-levels:])}): channel pooling cannot make more channels than it averages; "
-                        f"set --model.feature_dim null to derive it from the backbone ({derived}) or a value in "
-                        f"1..{channels}")
-    if _is_int(cfg.data.batch_size) and cfg.data.batch_size == 1:
-        problems.append("--data.batch_size must be >= 2 for ulsad: its global autoencoder's BatchNorm works on a "
-                        "1x1 code and cannot train on one image")
-    return problems
-
-
-def _ssl_ae_checks(cfg: RunConfig, model_cfg: Any, info: Sequence[TapInfo]) -> Problems:
-    kernel = model_cfg.kernel
-    if not _is_int(kernel) or kernel < 1 or kernel % 2 == 0:
-        return [f"--model.kernel must be an odd integer (the SDC kernel size f, 'same' padding), got {kernel!r}"]
-    return []
-
-
-_BUILTIN_SIZE_RULES: dict[str | None, Callable[[Any, Sequence[TapInfo]], SizeRule]] = {
-    "rd4ad": _rd_size_rule, "gnl": _rd_size_rule, "rdpp": _rd_size_rule, "recontrast": _rd_size_rule,
-    "ulsad": _ulsad_size_rule, "ssl_ae": _ssl_ae_size_rule,
-}
-_BUILTIN_CHECKS: dict[str | None, Callable[[RunConfig, Any, Sequence[TapInfo]], Problems]] = {
-    "rd4ad": _rd_checks, "gnl": _gnl_checks, "rdpp": _rd_checks, "recontrast": _rd_checks,
-    "ulsad": _ulsad_checks, "ssl_ae": _ssl_ae_checks,
-}
+    """The image-side rule of ``method`` with these taps (its :meth:`Method.input_size_rule`); ``None``: any side."""
+    return method.input_size_rule(model_cfg, info)

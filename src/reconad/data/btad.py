@@ -15,8 +15,8 @@ from pathlib import Path
 
 from reconad.config import DataConfig
 from reconad.data.dataset import ImageDataset, SampleRecord, Views, anomalous_records, mask_policy, masks_in_use
-from reconad.data.files import categories_with, check_nonempty, list_images, require_dir, select
-from reconad.data.layouts import Layout, category_dir, register_layout, require_root
+from reconad.data.files import categories_with, list_images, require_dir
+from reconad.data.layouts import Layout, register_layout, require_root, split_records
 from reconad.data.transforms import DataError
 
 __all__ = ["BTAD_LAYOUT", "BTADDataset", "list_btad_categories"]
@@ -35,6 +35,10 @@ def _images(folder: Path, what: str) -> list[Path]:
     if not paths:
         raise DataError(f"No images in {folder} ({what}). Expected the BTAD layout: {_EXPECTED}.")
     return paths
+
+
+def _train_records(cat_dir: Path) -> list[SampleRecord]:
+    return [SampleRecord(p, None, 0, "good") for p in _images(cat_dir / "train" / "ok", "training images")]
 
 
 def _test_records(cat_dir: Path, policy: str) -> list[SampleRecord]:
@@ -63,15 +67,8 @@ class BTADDataset(ImageDataset):
 
     def __init__(self, root: str | Path, category: str, split: str, cfg: DataConfig, views: Views | None = None,
                  indices: Sequence[int] | None = None, *, seed: int = 0) -> None:
-        cat_dir = category_dir(root, category, BTAD_LAYOUT)
-        if split == "train":
-            records = [SampleRecord(p, None, 0, "good") for p in _images(cat_dir / "train" / "ok", "training images")]
-        elif split == "test":
-            records = _test_records(cat_dir, mask_policy(cfg))
-        else:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-        records = select(records, indices)
-        check_nonempty([p for r in records for p in (r.path, r.mask) if p is not None])
+        records = split_records(root, category, split, BTAD_LAYOUT, _train_records,
+                                lambda cat_dir: _test_records(cat_dir, mask_policy(cfg)), indices)
         super().__init__(records, cfg, views, seed=seed)
         self.root, self.category, self.split = Path(root).expanduser(), category, split
 

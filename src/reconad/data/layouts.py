@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconad.data.dataset import ImageDataset
+from reconad.data.dataset import ImageDataset, SampleRecord
 from reconad.data.errors import DataError
-from reconad.data.files import select
+from reconad.data.files import check_nonempty, select
 from reconad.data.registry import (
     BUILTIN_LAYOUT_MODULES,
     Layout,
@@ -67,6 +67,19 @@ def category_dir(root: str | Path | None, category: str | None, layout: Layout) 
             raise DataError(f"data.category is not set. Categories found in {base}: {found}.")
         raise DataError(f"Category {category!r} not found in {base}. Categories found: {found}.")
     return folder
+
+
+def split_records(root: str | Path, category: str, split: str, layout: Layout,
+                  train: Callable[[Path], list[SampleRecord]], test: Callable[[Path], list[SampleRecord]],
+                  indices: Sequence[int] | None) -> list[SampleRecord]:
+    """The records of one split of ``root/category`` (``train`` / ``test`` read the category folder), restricted
+    to ``indices``, every file checked non-empty: what every category-folder layout (MVTec, BTAD) does the same."""
+    cat_dir = category_dir(root, category, layout)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    records = select(train(cat_dir) if split == "train" else test(cat_dir), indices)
+    check_nonempty([p for r in records for p in (r.path, r.mask) if p is not None])
+    return records
 
 
 def list_categories(root: str | Path, layout: str = "mvtec") -> list[str]:

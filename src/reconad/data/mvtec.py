@@ -16,8 +16,8 @@ from typing import Literal
 
 from reconad.config import DataConfig
 from reconad.data.dataset import ImageDataset, SampleRecord, Views, anomalous_records, mask_policy, masks_in_use
-from reconad.data.files import categories_with, check_nonempty, list_images, list_subdirs, require_dir, select
-from reconad.data.layouts import Layout, category_dir, register_layout, require_root
+from reconad.data.files import categories_with, list_images, list_subdirs, require_dir
+from reconad.data.layouts import Layout, register_layout, require_root, split_records
 from reconad.data.transforms import IMAGE_EXTENSIONS, DataError
 
 __all__ = ["MVTEC_LAYOUT", "MVTecDataset", "list_mvtec_categories"]
@@ -94,15 +94,8 @@ class MVTecDataset(ImageDataset):
         require_masks: bool | None = None,
         seed: int = 0,
     ) -> None:
-        cat_dir = category_dir(root, category, MVTEC_LAYOUT)
-        if split == "train":
-            records = _train_records(cat_dir)
-        elif split == "test":
-            records = _test_records(cat_dir, mask_policy(cfg), require_masks)
-        else:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-        records = select(records, indices)
-        check_nonempty([p for r in records for p in (r.path, r.mask) if p is not None])
+        records = split_records(root, category, split, MVTEC_LAYOUT, _train_records,
+                                lambda cat_dir: _test_records(cat_dir, mask_policy(cfg), require_masks), indices)
         super().__init__(records, cfg, views, seed=seed)
         self.root, self.category, self.split = Path(root).expanduser(), category, split
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from reconad.data.errors import DataError
+from reconad.data.image_modes import MAX_16BIT, to_rgb
 
 __all__ = [
     "DataError",
@@ -34,8 +35,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 """Lower-case suffixes of the image files a dataset picks up (matched case-insensitively)."""
-
-_MAX_16BIT = 65535
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -58,35 +57,7 @@ def load_image(path: str | Path) -> Image.Image:
     """
     path = Path(path)
     with _opened(path, "image", "Check the dataset path or remove the entry.") as img:
-        return _to_rgb(img, path)
-
-
-def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (see ``load_image`` for the rules)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img.copy()
-    if mode in ("L", "1"):
-        return img.convert("L").convert("RGB")
-    if mode == "LA":
-        return img.getchannel("L").convert("RGB")
-    if mode in ("P", "PA"):
-        # via RGBA so palette transparency is understood (and then dropped) without a PIL warning
-        return img.convert("RGBA").convert("RGB")
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_high_depth_to_uint8(np.asarray(img), path)).convert("RGB")
-    return img.convert("RGB")  # RGBA (alpha dropped), CMYK, YCbCr, LAB, HSV
-
-
-def _high_depth_to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
-    """Scale a 16-bit (or float [0, 1]) single-channel array onto 0..255 by its type's range, not by clipping."""
-    if arr.dtype.kind == "f":
-        if arr.size and (np.nanmin(arr) < 0.0 or np.nanmax(arr) > 1.0):
-            raise DataError(f"Float image {path} has values outside [0, 1]; rescale it to [0, 1] or to 8/16-bit.")
-        return np.round(np.nan_to_num(arr) * 255.0).astype(np.uint8)
-    if arr.size and (arr.min() < 0 or arr.max() > _MAX_16BIT):
-        raise DataError(f"Integer image {path} has values outside the 16-bit range 0..65535; save it as 8- or 16-bit.")
-    return np.round(arr.astype(np.float64) / 257.0).astype(np.uint8)  # 65535 / 257 == 255 exactly
+        return to_rgb(img, path)
 
 
 def center_crop(tensor: torch.Tensor, crop_size: int | None) -> torch.Tensor:
@@ -233,7 +204,7 @@ def _mask_values(img: Image.Image) -> tuple[np.ndarray, float]:
     if mode == "LA":
         return np.asarray(img.getchannel("L")), 255.0
     if mode.startswith("I;16") or mode == "I":
-        return np.asarray(img).astype(np.int64), float(_MAX_16BIT)
+        return np.asarray(img).astype(np.int64), float(MAX_16BIT)
     if mode == "F":
         return np.asarray(img, dtype=np.float64), 1.0
     if mode in ("P", "PA"):

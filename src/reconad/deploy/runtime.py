@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..data.image_modes import high_depth_to_uint8, to_rgb
 from ..errors import ReconadError
 from .calibration import Calibration, load_calibration
 
@@ -33,32 +34,6 @@ class ExportError(ReconadError):
 
 
 # -- preprocessing (== reconad.data.transforms, without torch) --------------------------------------------------
-def _high_depth_to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
-    if arr.dtype.kind == "f":
-        if arr.size and (np.nanmin(arr) < 0.0 or np.nanmax(arr) > 1.0):
-            raise ReconadError(f"float image {where} has values outside [0, 1]; rescale it to [0, 1] or 8/16-bit")
-        return np.round(np.nan_to_num(arr) * 255.0).astype(np.uint8)
-    if arr.size and (arr.min() < 0 or arr.max() > 65535):
-        raise ReconadError(f"integer image {where} has values outside 0..65535; save it as 8- or 16-bit")
-    return np.round(arr.astype(np.float64) / 257.0).astype(np.uint8)
-
-
-def _pil_to_rgb(img: Image.Image, where: str) -> Image.Image:
-    """The conversions of ``reconad.data.load_image`` (alpha dropped, 16-bit scaled by /257, palette expanded)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img.copy()
-    if mode in ("L", "1"):
-        return img.convert("L").convert("RGB")
-    if mode == "LA":
-        return img.getchannel("L").convert("RGB")
-    if mode in ("P", "PA"):
-        return img.convert("RGBA").convert("RGB")
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_high_depth_to_uint8(np.asarray(img), where)).convert("RGB")
-    return img.convert("RGB")
-
-
 def load_rgb(image: ImageInput) -> Image.Image:
     """An 8-bit RGB PIL image from a path, a PIL image, or an array (H×W gray, H×W×3 RGB, H×W×4 RGBA; uint8 or
     uint16, 16-bit scaled by /257 as the training loader does)."""
@@ -67,21 +42,21 @@ def load_rgb(image: ImageInput) -> Image.Image:
         try:
             with Image.open(path) as img:
                 img.load()
-                return _pil_to_rgb(img, str(path))
+                return to_rgb(img, str(path))
         except FileNotFoundError as err:
             raise ReconadError(f"image not found: {path}") from err
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
             raise ReconadError(f"cannot read image {path}: {err}; re-export or remove the file") from err
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image, "(PIL image)")
+        return to_rgb(image, "(PIL image)")
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
         if arr.dtype != np.uint8:
-            arr = _high_depth_to_uint8(arr, "(array)")
+            arr = high_depth_to_uint8(arr, "(array)")
         return Image.fromarray(np.ascontiguousarray(arr[..., :3]), "RGB")
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
         arr = arr.reshape(arr.shape[:2])
-        gray = arr if arr.dtype == np.uint8 else _high_depth_to_uint8(arr, "(array)")
+        gray = arr if arr.dtype == np.uint8 else high_depth_to_uint8(arr, "(array)")
         return Image.fromarray(gray, "L").convert("RGB")
     raise ReconadError(f"an image array must be H×W, H×W×3 or H×W×4, got shape {arr.shape}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
@@ -11,6 +12,21 @@ from torch import Tensor, nn
 
 from ..config import OptimConfig
 from ..maps import MapsConfig, anomaly_map, image_score
+
+
+def is_int(value: Any) -> bool:
+    """An integer setting (``True`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite numeric setting."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def describe_taps(feature_info: Sequence[Any]) -> str:
+    """``layer2 (stride 8, 128 ch), ...`` for messages."""
+    return ", ".join(f"{t.name} (stride {t.stride}, {t.channels} ch)" for t in feature_info)
 
 
 @dataclass(frozen=True)
@@ -77,8 +93,14 @@ class Method(nn.Module):
     def input_size_rule(cls, cfg: MethodConfig, feature_info: Sequence[Any]) -> SizeRule | None:
         """The image sides this method's network takes with these taps (``feature_info``: the backbone's
         :class:`~reconad.backbones.TapInfo` list), checked by ``reconad.validation`` before anything is built.
-        ``None``: not declared here (the validation knows the built-in methods' rules)."""
+        ``None``: any side."""
         return None
+
+    @classmethod
+    def config_problems(cls, run_cfg: Any, cfg: MethodConfig, feature_info: Sequence[Any]) -> list[str]:
+        """What is wrong with this method's settings on these taps, one line each naming the setting (``--model.x``
+        …) and what to do; checked by ``reconad.validation`` before anything is built. Default: nothing."""
+        return []
 
     def __init__(self, cfg: MethodConfig, backbone: nn.Module):
         super().__init__()

@@ -13,7 +13,7 @@ batch-wise and gives the same result at any batch size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..data.augmix import OP_LISTS, augmix_view, gray_view
 from ..registry import register_method
+from .base import is_int
 from .rd4ad import LOSSES, RD4AD, RD4ADConfig
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,21 @@ class GNL(RD4AD):
 
     name = "gnl"
     Config = GNLConfig
+    @classmethod
+    def config_problems(cls, run_cfg: Any, cfg: Any, feature_info: Sequence[Any]) -> list[str]:
+        from ..backbones import stage_info
+
+        problems = super().config_problems(run_cfg, cfg, feature_info)
+        stages = [i.name for i in stage_info(run_cfg.backbone.name)]
+        kept = stages[: stages.index(feature_info[-1].name) + 1] if feature_info else []
+        unknown = [s for s in (cfg.match_stages or []) if s not in kept]
+        if unknown:
+            problems.append(f"--model.match_stages {unknown} are not stages the backbone runs ({', '.join(kept)})")
+        if not is_int(cfg.reference_count) or cfg.reference_count < 1:
+            problems.append(f"--model.reference_count must be an integer >= 1, got {cfg.reference_count!r}")
+        if not is_int(cfg.reference_index) or cfg.reference_index < 0:
+            problems.append(f"--model.reference_index must be an integer >= 0, got {cfg.reference_index!r}")
+        return problems
     # official_layout is RD4AD's (inherited): parity: official_code.md §5 — the network is RD4AD unchanged
 
     def __init__(self, cfg: GNLConfig, backbone: nn.Module):

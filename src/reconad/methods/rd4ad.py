@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ from ..config import OptimConfig
 from ..losses import global_cosine, regional_cosine, summed_over_levels
 from ..nets.rd import OCBE, BlockType, Decoder, default_arch
 from ..registry import register_method
-from .base import Method, MethodConfig, OfficialLayout
+from .base import Method, MethodConfig, OfficialLayout, SizeRule, describe_taps, is_number
 
 
 @dataclass
@@ -46,8 +47,32 @@ def build_rd_student(backbone: nn.Module, cfg: RD4ADConfig, n_heads: int = 0,
     return bottleneck, decoder
 
 
+class ReverseDistillationRules:
+    """The input-size rule and tap checks of every method built on the OCBE + mirrored decoder (RD4AD, RD++, GNL,
+    ReContrast): mixed in before :class:`Method`."""
+
+    @classmethod
+    def input_size_rule(cls, cfg: Any, feature_info: Sequence[Any]) -> SizeRule:
+        s = feature_info[0].stride
+        return SizeRule(s, 8, f"the reverse-distillation decoder upsamples the stride-{8 * s} bottleneck x2 three "
+                              f"times back to the stride-{s} tap")
+
+    @classmethod
+    def config_problems(cls, run_cfg: Any, cfg: Any, feature_info: Sequence[Any]) -> list[str]:
+        """Taps at strides s, 2s, 4s (the OCBE fuses three levels) and a positive decoder width ratio."""
+        problems = []
+        s = feature_info[0].stride if feature_info else 0
+        if [t.stride for t in feature_info] != [s, 2 * s, 4 * s]:
+            problems.append(f"--backbone.taps: {run_cfg.method} needs three taps at strides s, 2s, 4s, got "
+                            f"{describe_taps(feature_info)}; e.g. [stride4, stride8, stride16] (the default)")
+        ratio = getattr(cfg, "width_ratio", None)
+        if ratio is not None and (not is_number(ratio) or ratio <= 0):
+            problems.append(f"--model.width_ratio must be > 0 or null (mirror the backbone), got {ratio!r}")
+        return problems
+
+
 @register_method
-class RD4AD(Method):
+class RD4AD(ReverseDistillationRules, Method):
     """Frozen teacher encoder → OCBE → student decoder; anomaly = per-pixel ``1 - cos`` between them."""
 
     name = "rd4ad"

@@ -21,7 +21,7 @@ from ..maps import cosine_distance_map
 from ..nets.rd import MultiProjectionLayer
 from ..registry import register_method
 from .base import Method, OfficialLayout
-from .rd4ad import LOSSES, RD4ADConfig, build_rd_student
+from .rd4ad import LOSSES, RD4ADConfig, ReverseDistillationRules, build_rd_student
 
 # parity: official_code.md §3.3 — L_proj = (ssot + 0.01·recon + 0.1·contrast) / 1.11
 RECON_WEIGHT, CONTRAST_WEIGHT, PROJ_NORM = 0.01, 0.1, 1.11
@@ -87,7 +87,7 @@ def contrast_loss(feats_noisy: list[Tensor], proj: list[Tensor], margin: float =
 
 
 @register_method
-class RDPP(Method):
+class RDPP(ReverseDistillationRules, Method):
     """Frozen encoder → shared projector → OCBE → decoder; map = ``1 − cos`` of unprojected features and decoder."""
 
     name = "rdpp"

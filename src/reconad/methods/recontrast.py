@@ -33,7 +33,7 @@ from ..config import OptimConfig
 from ..losses import hard_mining_mask, mask_gradient, summed_over_levels
 from ..registry import register_method
 from .base import Method, OfficialLayout
-from .rd4ad import LOSSES, RD4ADConfig, build_rd_student
+from .rd4ad import LOSSES, RD4ADConfig, ReverseDistillationRules, build_rd_student
 
 Pairs = list[tuple[Tensor, Tensor]]
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -82,7 +82,7 @@ def feature_diversity(features: Tensor) -> Tensor:
 
 
 @register_method
-class ReContrast(Method):
+class ReContrast(ReverseDistillationRules, Method):
     """Trainable encoder + frozen twin → shared OCBE/decoder with two heads → six cross-reconstruction pairs."""
 
     name = "recontrast"

@@ -23,7 +23,7 @@ from ..data.corruptions import CorruptionConfig, CorruptionGenerator, augment, d
 from ..maps import box_filter, ssim_map, upsample
 from ..nets.sdc import SDCAutoencoder
 from ..registry import register_method
-from .base import Method, MethodConfig, Prediction
+from .base import Method, MethodConfig, Prediction, SizeRule, is_int
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,17 @@ class SSLAE(Method):
     name = "ssl_ae"
     Config = SSLAEConfig
     default_backbone = "efficientnet_lite0"  # never used; the offline one, so create_method("ssl_ae") works anywhere
+
+    @classmethod
+    def input_size_rule(cls, cfg: SSLAEConfig, feature_info: Sequence[Any]) -> SizeRule:
+        return SizeRule(1, 8, "the SDC autoencoder max-pools by 2 three times and upsamples back")
+
+    @classmethod
+    def config_problems(cls, run_cfg: Any, cfg: SSLAEConfig, feature_info: Sequence[Any]) -> list[str]:
+        if not is_int(cfg.kernel) or cfg.kernel < 1 or cfg.kernel % 2 == 0:
+            return [f"--model.kernel must be an odd integer (the SDC kernel size f, 'same' padding), "
+                    f"got {cfg.kernel!r}"]
+        return []
 
     def __init__(self, cfg: SSLAEConfig, backbone: nn.Module | None = None):
         # the registry's backbone is dropped: pixels in, pixels out (a frozen, parameter-free placeholder instead)

@@ -12,7 +12,7 @@ selection.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from ..losses import mse_cosine_map
 from ..maps import MapsConfig, fuse, gaussian_blur, image_score, upsample
 from ..nets.ulsad import ConvAutoEncoder, FeatAE, aggregate_features, attention
 from ..registry import register_method
-from .base import Method, MethodConfig, OfficialLayout, Prediction
+from .base import Method, MethodConfig, OfficialLayout, Prediction, SizeRule, describe_taps, is_int
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,34 @@ class ULSAD(Method):
         # parity: official_code.md §4.7 — the blur kernel is a constant rebuilt from σ, not a learned tensor
         unused=("model.blur.",),
     )
+
+    @classmethod
+    def input_size_rule(cls, cfg: ULSADConfig, feature_info: Sequence[Any]) -> SizeRule:
+        s = feature_info[-cfg.n_levels].stride
+        return SizeRule(s, 4, f"ULSAD's feature reconstruction network halves the stride-{s} features twice and "
+                              "upsamples them back")
+
+    @classmethod
+    def config_problems(cls, run_cfg: Any, cfg: ULSADConfig, feature_info: Sequence[Any]) -> list[str]:
+        levels = cfg.n_levels
+        if not is_int(levels) or not 1 <= levels <= len(feature_info):
+            return [f"--model.n_levels {levels!r} must be between 1 and the number of taps ({len(feature_info)}: "
+                    f"{describe_taps(feature_info)}); set --backbone.taps, e.g. [stride8, stride16] "
+                    "(official: layer2, layer3)"]
+        problems, channels = [], sum(t.channels for t in feature_info[-levels:])
+        if not is_int(cfg.feature_pool) or cfg.feature_pool < 1:
+            problems.append(f"--model.feature_pool must be an integer >= 1, got {cfg.feature_pool!r}")
+        dim = cfg.feature_dim
+        if dim is not None and (not is_int(dim) or not 1 <= dim <= channels):
+            derived = max(1, channels // cfg.feature_pool) if is_int(cfg.feature_pool) else "?"
+            problems.append(f"--model.feature_dim {dim!r} does not fit the {channels} channels of the aggregated "
+                            f"taps ({describe_taps(feature_info[-levels:])}): channel pooling cannot make more "
+                            f"channels than it averages; set --model.feature_dim null to derive it from the backbone "
+                            f"({derived}) or a value in 1..{channels}")
+        if is_int(run_cfg.data.batch_size) and run_cfg.data.batch_size == 1:
+            problems.append("--data.batch_size must be >= 2 for ulsad: its global autoencoder's BatchNorm works on "
+                            "a 1x1 code and cannot train on one image")
+        return problems
 
     def __init__(self, cfg: ULSADConfig, backbone: nn.Module):
         super().__init__(cfg, backbone)
