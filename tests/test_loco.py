@@ -114,3 +114,12 @@ def test_engine_run_reports_loco_metrics(loco_root, tmp_path):
         assert 0.0 <= result.metrics[key] <= 1.0, key
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
     assert saved["mean_spro"] == pytest.approx(result.metrics["mean_spro"])
+
+
+def test_a_truncated_ground_truth_channel_names_the_file(loco_root):
+    _, _, test = build_datasets(cfg_for(loco_root))
+    index = next(i for i, gt in enumerate(test.gt_dirs) if gt is not None)
+    channel = sorted(test.gt_dirs[index].glob("*.png"))[0]
+    channel.write_bytes(channel.read_bytes()[:40])  # a cut-off download
+    with pytest.raises(DataError, match=str(channel)):
+        test[index]

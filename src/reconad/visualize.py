@@ -94,6 +94,14 @@ def pixel_units(calibration: Mapping[str, Any] | None) -> MapUnits:
     return MapUnits(float(median), float(calibration["pixel_threshold"]), True)
 
 
+def spread_over_ranking(scores: np.ndarray, count: int) -> list[int]:
+    """Up to ``count`` indices spread evenly over the score ranking (highest, lowest and between), sorted."""
+    if count <= 0 or len(scores) == 0:
+        return []
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    return sorted(set(order[np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int)].tolist()))
+
+
 # -- the original resolution ----------------------------------------------------------------------------------
 def upsample_to_original(amap: np.ndarray, original_hw: tuple[int, int], image_size: int,
                          crop_size: int | None = None) -> np.ndarray:
@@ -203,8 +211,7 @@ def write_examples(out: Any, dataset: Any, folder: str | Path, count: int,
     if count <= 0 or len(out.scores) == 0:
         return []
     folder = Path(folder)
-    order = np.argsort(-out.scores, kind="stable")
-    picks = sorted(set(order[np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int)].tolist()))
+    picks = spread_over_ranking(out.scores, count)
     units = pixel_units(calibration)
     vrange = (float(units(np.percentile(out.maps, 1))), float(units(out.maps.max())))
     image_size = int(getattr(dataset, "image_size", out.maps.shape[-1]))
@@ -215,8 +222,9 @@ def write_examples(out: Any, dataset: Any, folder: str | Path, count: int,
         hw = original.shape[:2]
         o_map = upsample_to_original(out.maps[i], hw, image_size, getattr(dataset, "crop_size", None))
         title = f"{Path(out.paths[i]).name} · {out.defects[i]} · image score {out.scores[i]:.4g}"
+        same_grid = original.shape[:2] == image.shape[:2]  # nothing new to show at the original size
         fig = example_figure(image, out.maps[i], out.masks[i], units=units, vrange=vrange, title=title,
-                             original=(original, o_map, _original_mask(dataset, i, hw)))
+                             original=None if same_grid else (original, o_map, _original_mask(dataset, i, hw)))
         stem = folder / f"{i:04d}_{out.defects[i]}_{Path(out.paths[i]).stem}_score{out.scores[i]:.4f}"
         style.save(fig, stem)
         written.append(stem.parent / f"{stem.name}.png")

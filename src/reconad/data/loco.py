@@ -29,7 +29,7 @@ from reconad.config import DataConfig
 from reconad.data.dataset import ImageDataset, SampleRecord, Views, mask_policy
 from reconad.data.files import categories_with, check_nonempty, list_images, list_subdirs, require_dir, select
 from reconad.data.layouts import Layout, category_dir, register_layout, require_root
-from reconad.data.transforms import DataError, center_crop
+from reconad.data.transforms import DataError, center_crop, opened_image
 
 __all__ = ["LOCO_ANOMALY_TYPES", "LOCO_LAYOUT", "LocoDataset", "make_loco_dataset", "write_synthetic_loco"]
 
@@ -136,7 +136,7 @@ class LocoDataset(ImageDataset):
             return []
         out = []
         for path in sorted(gt.glob("*.png")):
-            with Image.open(path) as im:
+            with opened_image(path, "ground-truth channel", "Restore the LOCO ground_truth folder.") as im:
                 raw = np.array(im)
             raw = raw[..., 0] if raw.ndim == 3 else raw
             values = np.unique(raw[raw != 0])
@@ -168,7 +168,7 @@ class LocoDataset(ImageDataset):
         channels = [(m, v) for m, v in self._channels(index) if m.any()]
         if not channels:
             return []
-        with Image.open(self.records[index].path) as im:
+        with opened_image(self.records[index].path, "image", "Check the dataset path.") as im:
             width, height = im.size
         # absolute saturation thresholds are pixel counts at the original resolution
         area_scale = self.image_size * self.image_size / float(width * height)

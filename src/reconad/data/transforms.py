@@ -56,7 +56,7 @@ def load_image(path: str | Path) -> Image.Image:
         DataError: The file is missing, unreadable, truncated or of an unsupported kind.
     """
     path = Path(path)
-    with _opened(path, "image", "Check the dataset path or remove the entry.") as img:
+    with opened_image(path, "image", "Check the dataset path or remove the entry.") as img:
         return to_rgb(img, path)
 
 
@@ -152,7 +152,7 @@ def load_mask(
 
 def _open_mask(path: Path) -> Image.Image:
     """Decode a mask file to an 8-bit ``L`` image whose values mean ``value / 255`` (see ``mask_to_gray``)."""
-    with _opened(path, "mask", "Add the mask or check the ground-truth folder.") as img:
+    with opened_image(path, "mask", "Add the mask or check the ground-truth folder.") as img:
         return mask_to_gray(img, path)
 
 
@@ -216,7 +216,7 @@ def _mask_values(img: Image.Image) -> tuple[np.ndarray, float]:
 
 
 @contextmanager
-def _opened(path: Path, what: str, missing_advice: str) -> Iterator[Image.Image]:
+def opened_image(path: Path, what: str, missing_advice: str) -> Iterator[Image.Image]:
     """Open and fully decode an image file; every way it can fail becomes a DataError naming the file.
 
     PIL's decompression-bomb *warning* (more than ``Image.MAX_IMAGE_PIXELS`` pixels) is an error here too: such a

@@ -122,12 +122,11 @@ def write_test_results(out: EvalOutputs, folder: Path, pixel_curves: bool = True
 
 def write_overlays(out: EvalOutputs, dataset: Dataset, folder: Path, count: int) -> list[Path]:
     """Overlays for up to ``count`` test images spread over the score ranking (highest, lowest, between)."""
-    from ..visualize import heatmap_overlay, save_png
+    from ..visualize import heatmap_overlay, save_png, spread_over_ranking
 
-    if count <= 0 or len(out.scores) == 0:
+    picks = spread_over_ranking(out.scores, count)
+    if not picks:
         return []
-    order = np.argsort(-out.scores, kind="stable")
-    picks = sorted(set(order[np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int)].tolist()))
     vmin, vmax = float(np.percentile(out.maps, 1)), float(out.maps.max())
     written = []
     for i in picks:
