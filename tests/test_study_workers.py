@@ -16,6 +16,7 @@ import yaml
 
 from reconad import study as st
 from reconad.run import checkpoint_step
+from reconad.study.workqueue import read_claim
 
 from .conftest import write_tiny_mvtec
 
@@ -101,7 +102,7 @@ def test_work_queue_three_workers_each_cell_once_and_a_killed_workers_cell_is_re
     deadline = time.monotonic() + 120
     while victim is None and time.monotonic() < deadline:  # a worker that has checkpointed its cell
         for claim in (output / st.CLAIMS_DIR).glob("*.json") if (output / st.CLAIMS_DIR).is_dir() else ():
-            held = st._read_claim(claim)
+            held = read_claim(claim)
             run, category, seed = claim.stem.split("__")
             cell = output / run / category / seed
             if held and checkpoint_step(cell) is not None and not (cell / "metrics.json").exists():
