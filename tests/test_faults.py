@@ -324,3 +324,25 @@ def test_cli_resume_and_test_of_damaged_or_foreign_folders(tiny_mvtec, tmp_path,
     code, text = _cli(["fit", "--resume", run], capsys)
     _assert_one_line_error(code, text, "checkpoint")
     assert not marker.exists()
+
+
+def test_cli_study_validates_every_cell_before_any_trains(tiny_mvtec, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["study", "--presets", "rd4ad", "--data.root", tiny_mvtec, "--categories", "stripes", "--seeds", "1",
+            "--set", "backbone.name=resnet18", "backbone.weights=null", "data.image_size=70", "train.iterations=1",
+            "--output", out]
+    code, text = _cli(args, capsys)
+    _assert_one_line_error(code, text, "--data.image_size 70", "stripes")
+    assert not list(out.rglob("config.yaml"))  # no cell was started
+
+
+def test_cli_predict_into_a_file_or_a_used_folder_is_refused(tiny_mvtec, tmp_path, capsys):
+    assert _cli(_tiny_fit_args(tiny_mvtec, tmp_path / "runs"), capsys)[0] == 0
+    run, images = tmp_path / "runs" / "run", tiny_mvtec / "stripes" / "test" / "good"
+    (tmp_path / "a_file").write_text("keep me")
+    code, text = _cli(["predict", run, images, "--output", tmp_path / "a_file"], capsys)
+    _assert_one_line_error(code, text, "a_file")
+    assert (tmp_path / "a_file").read_text() == "keep me"
+    assert _cli(["predict", run, images, "--output", tmp_path / "pred"], capsys)[0] == 0
+    code, text = _cli(["predict", run, images, "--output", tmp_path / "pred"], capsys)
+    _assert_one_line_error(code, text, "--overwrite")
