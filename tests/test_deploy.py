@@ -402,3 +402,33 @@ def test_command_line_calibrate_predict_export(data, tmp_path, capsys):
     assert "--override match_stable_sort=true" in capsys.readouterr().err
     assert main(["export", str(run), "--override", "match_stable_sort"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_fit_calibrates_at_the_end_on_held_out_normals_or_a_normal_folder(tmp_path):
+    import json
+
+    from reconad.api import fit_config
+    from reconad.config import make_config
+    from reconad.deploy.calibration import load_calibration
+
+    from .conftest import tiny_run_overrides, write_tiny_mvtec
+
+    root = write_tiny_mvtec(tmp_path / "data", n_train=12)
+    sections = tiny_run_overrides(root, iterations=2)
+    sections["data"]["holdout_fraction"] = 0.25  # 3 held-out normals: far 0.25 needs ⌈(3+1)·0.75⌉ = 3rd score
+    sections["eval"] = {"overlays": 0, "plots": False, "examples": 0, "far": 0.25, "pixel_far": 0.01}
+    run = fit_config(make_config("rd4ad", **sections), tmp_path / "held").run_dir
+    held = load_calibration(run)
+    assert held.source == "holdout" and held.n_images == 3 and held.image_threshold == max(held.normal_scores)
+    assert json.loads((run / "metrics.json").read_text())["threshold"]["image_threshold"] == held.image_threshold
+    assert held.image_threshold == calibrate_run(run, far=0.25, pixel_far=0.01).image_threshold  # same as the CLI's
+
+    sections["data"]["holdout_fraction"] = 0.0
+    sections["eval"]["normal_dir"] = str(root / "stripes" / "train" / "good")
+    run = fit_config(make_config("rd4ad", **sections), tmp_path / "folder").run_dir
+    assert load_calibration(run).source.startswith("folder:") and load_calibration(run).n_images == 12
+
+    sections["eval"]["far"] = 0.01  # too few normals: the run still finishes, without a threshold, and says why
+    result = fit_config(make_config("rd4ad", **sections), tmp_path / "few")
+    assert result.metrics and load_calibration(result.run_dir) is None
+    assert "needs at least 99" in json.loads((result.run_dir / "metrics.json").read_text())["threshold"]["skipped"]

@@ -24,17 +24,22 @@ def fit(preset: str = "rd4ad", *, run_dir: str | Path | None = None, overwrite: 
     ``reconad.fit("rd4ad", data={"root": "mvtec", "category": "bottle"}, train={"epochs": 5})``
     An existing ``run_dir`` is refused unless ``overwrite=True`` (use :func:`resume` to continue one).
     """
-    return _fit(make_config(preset, **sections), run_dir, overwrite=overwrite)
+    return fit_config(make_config(preset, **sections), run_dir, overwrite=overwrite)
 
 
 def fit_config(cfg: RunConfig, run_dir: str | Path | None = None, *, overwrite: bool = False) -> RunResult:
-    """Train from a resolved :class:`reconad.config.RunConfig` (what ``reconad fit`` parses from argv)."""
-    return _fit(cfg, run_dir, overwrite=overwrite)
+    """Train from a resolved :class:`reconad.config.RunConfig` (what ``reconad fit`` parses from argv); the run is
+    calibrated at its end when it has normal images (held-out or ``eval.normal_dir``)."""
+    from .deploy.calibrate import calibrate_after_fit
+
+    return _fit(cfg, run_dir, overwrite=overwrite, after_save=calibrate_after_fit)
 
 
 def resume(run_dir: str | Path) -> RunResult:
     """Continue an interrupted run from its last checkpoint, with its saved configuration."""
-    return _fit(read_run_config(run_dir), run_dir, resume=True)
+    from .deploy.calibrate import calibrate_after_fit
+
+    return _fit(read_run_config(run_dir), run_dir, resume=True, after_save=calibrate_after_fit)
 
 
 def evaluate(run_dir: str | Path, device: str = "cpu", **data_overrides: Any) -> dict[str, float]:
@@ -110,5 +115,5 @@ def demo(output_dir: str | Path = "runs/demo", categories: Sequence[str] | None 
         run_dir = Path(output_dir) / category
         if run_dir.exists():
             shutil.rmtree(run_dir)  # the demo's own folder: always a fresh run
-        results[category] = _fit(cfg, run_dir)
+        results[category] = fit_config(cfg, run_dir)
     return results

@@ -149,6 +149,9 @@ class EvalConfig:
     sets it again at any time; the conformal order statistic needs at least ⌈1/far⌉ − 1 normals)."""
     pixel_far: float = 0.001
     """Fraction of normal pixels above the pixel threshold of predicted masks."""
+    normal_dir: str | None = None
+    """A folder of normal images (never test images) that ``fit`` calibrates the threshold on at the end, instead of
+    the held-out training normals; ``reconad calibrate RUN --normal DIR`` does the same afterwards."""
     pixel_metrics: bool = True
     fpr_limit: float = 0.3
     overlays: int = 8

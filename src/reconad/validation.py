@@ -155,6 +155,12 @@ def _eval_problems(cfg: RunConfig) -> Problems:
     _in_range(problems, "eval.fpr_limit", ev.fpr_limit, 0, 1, low_open=True,
               hint="the FPR integration limit of AUPRO, e.g. 0.3")
     _at_least(problems, "eval.overlays", ev.overlays, 0)
+    _at_least(problems, "eval.examples", ev.examples, 0)
+    _in_range(problems, "eval.far", ev.far, 0, 1, low_open=True, high_open=True, hint="e.g. 0.01")
+    _in_range(problems, "eval.pixel_far", ev.pixel_far, 0, 1, low_open=True, high_open=True, hint="e.g. 0.001")
+    if ev.normal_dir and not Path(ev.normal_dir).expanduser().is_dir():
+        problems.append(f"--eval.normal_dir {ev.normal_dir!r} is not a folder: pass a folder of normal images "
+                        "(never test images) to calibrate the threshold on")
     if ev.selection == "best_test" and not ev.selection_metrics:
         problems.append("--eval.selection_metrics is empty but --eval.selection is best_test: name the metrics to "
                         "select on, e.g. [image_auroc]")

@@ -17,7 +17,7 @@ from .calibration import (
 )
 from .predict import RunPredictor, find_mask, image_files, load_truth
 
-__all__ = ["calibrate_run"]
+__all__ = ["calibrate_after_fit", "calibrate_run"]
 
 
 # -- calibrating a run ------------------------------------------------------------------------------------------
@@ -106,3 +106,24 @@ def calibrate_run(run_dir: str | Path, normal_dir: str | Path | None = None, far
                                                         bad[1] if use_pixels else None)
     write_calibration(run_dir, calibration)
     return calibration
+
+
+def calibrate_after_fit(run_dir: Path, cfg: Any, device: Any) -> dict[str, Any]:
+    """The end of ``fit``: the decision threshold from normal images only — ``eval.normal_dir`` or the held-out
+    normals — exactly as ``reconad calibrate`` computes it, on the final checkpoint just saved (passed to
+    ``reconad.engine.fit`` as ``after_save``). Too few normals for ``eval.far`` is not fatal — the trained model is
+    saved — but said once, with the fix."""
+    import logging
+
+    if not cfg.data.holdout_fraction and not cfg.eval.normal_dir:
+        return {}
+    try:
+        calibration = calibrate_run(run_dir, cfg.eval.normal_dir, far=cfg.eval.far, pixel_far=cfg.eval.pixel_far,
+                                    device=str(device), batch_size=cfg.data.eval_batch_size)
+    except CalibrationError as err:
+        logging.getLogger(__name__).warning(
+            "no decision threshold for %s: %s. Calibrate later with `reconad calibrate %s --normal DIR` or a "
+            "larger --data.holdout_fraction", run_dir, err, run_dir)
+        return {"threshold": {"skipped": str(err)}}
+    return {"threshold": {"far": calibration.far, "image_threshold": calibration.image_threshold,
+                          "n_images": calibration.n_images, "source": calibration.source}}

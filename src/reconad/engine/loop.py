@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,9 @@ from ..run import (
     set_rng_state,
     write_config,
 )
-from .distributed import mean_over_ranks
+from ..trackers import logger_names
+from ..validation import validate_run_config
+from .distributed import convert_sync_batchnorm, launch_rank, mean_over_ranks, per_rank_batch
 from .evaluation import EvaluationError, predict_dataset, score_outputs, write_overlays, write_test_results
 from .services import CheckpointTimer, SnapshotSelection, finite_terms
 from .training import EpochSampler, make_loader, make_optimizer, make_scheduler, set_seed, to_device, total_batches
@@ -57,16 +59,16 @@ def _fabric(cfg: RunConfig):
 
 
 def _validate(cfg: RunConfig) -> None:
-    from ..trackers import logger_names
-
     logger_names(cfg.train.loggers)  # an unknown tracker is refused before anything is written
-    from ..validation import validate_run_config
-
     validate_run_config(cfg)  # every setting, the network's size rule, taps and widths: before any download or write
 
 
+AfterSave = Callable[[Path, RunConfig, torch.device], "dict[str, Any] | None"]
+
+
 def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-        stop_after: int | None = None, overwrite: bool = False, desc: str | None = None) -> RunResult:
+        stop_after: int | None = None, overwrite: bool = False, desc: str | None = None,
+        after_save: AfterSave | None = None) -> RunResult:
     """Train ``cfg.method`` on ``cfg.data``, save the final model, then evaluate it.
 
     Args:
@@ -77,6 +79,9 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
         stop_after: stop (after checkpointing) once this many batches are done — simulates an interrupted run.
         overwrite: replace whatever ``run_dir`` holds.
         desc: the training bar's label (default ``fit <method>``; a study names its cell).
+        after_save: called with ``(run_dir, cfg, device)`` once the final model is saved and before it is
+            evaluated; what it returns goes into ``metrics.json``. The API and studies pass
+            :func:`reconad.deploy.calibrate.calibrate_after_fit` (the engine sits below ``deploy``).
 
     Under DDP (``train.devices`` > 1, ``reconad.engine.distributed``) every rank runs this function; only rank 0
     writes, and evaluations run on rank 0 over the whole test set while the other ranks wait.
@@ -87,8 +92,6 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-    from .distributed import launch_rank
-
     if launch_rank() == 0:  # ranks > 0 start later, when rank 0 may already have created the folder
         check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     fabric = _fabric(cfg)
@@ -103,15 +106,11 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
 
     method.prepare(make_loader(train_set, cfg.data.eval_batch_size, cfg.data.num_workers))
     if fabric.world_size > 1 and cfg.train.sync_bn:
-        from .distributed import convert_sync_batchnorm
-
         method = convert_sync_batchnorm(method, fabric.device)
     optimizer = make_optimizer(method, cfg)
     model, optimizer = fabric.setup(method, optimizer)
     model.mark_forward_method("loss")
     per_rank = math.ceil(len(train_set) / fabric.world_size)
-    from .distributed import per_rank_batch
-
     batch_size = per_rank_batch(cfg.data.batch_size, fabric.world_size)
     batches_per_epoch = per_rank // batch_size if cfg.data.drop_last else math.ceil(per_rank / batch_size)
     total = total_batches(cfg, batches_per_epoch)
@@ -138,7 +137,7 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
         if done < total:
             return RunResult(run_dir, {}, jsonl.read())
         return _finish(cfg, fabric, method, loop, snapshots, holdout_set, train_set, test_set, run_dir, jsonl, done,
-                       batches_per_epoch)
+                       batches_per_epoch, after_save)
     finally:
         if trackers is not None:
             trackers.close()
@@ -157,7 +156,7 @@ def _open_trackers(cfg: RunConfig, run_dir: Path, jsonl: JsonlLog):
 
 
 def _finish(cfg, fabric, method, loop, snapshots, holdout_set, train_set, test_set, run_dir, jsonl, done,
-            batches_per_epoch) -> RunResult:
+            batches_per_epoch, after_save: AfterSave | None = None) -> RunResult:
     """Model selection and calibration on held-out normals, the final checkpoint — then, only then, evaluation."""
     selection = snapshots.select(_holdout_images(holdout_set), done) if snapshots.enabled else {}
     calibration = _calibrate(method, cfg, holdout_set, test_set)
@@ -170,7 +169,8 @@ def _finish(cfg, fabric, method, loop, snapshots, holdout_set, train_set, test_s
     summary = {**selection, **calibration, "method": cfg.method, "category": cfg.data.category, "batches": done,
                "steps": done // loop.accumulate, "n_train": len(train_set), "n_test": len(test_set),
                "backbone_weights": _weights_source(method, cfg), **({"inference": speedups} if speedups else {})}
-    summary.update(_threshold_calibration(method, cfg, holdout_set, run_dir, fabric.device))
+    if after_save is not None:  # e.g. the decision threshold (reconad.deploy), computed on the saved model
+        summary.update(after_save(run_dir, cfg, fabric.device) or {})
     write_json(run_dir / PENDING_METRICS_FILE, summary)
     try:
         out = predict_dataset(method, test_set, cfg.data.eval_batch_size, fabric.device, cfg.data.num_workers,
@@ -198,29 +198,6 @@ def _finish(cfg, fabric, method, loop, snapshots, holdout_set, train_set, test_s
 
         plot_run(run_dir)
     return RunResult(run_dir, metrics, jsonl.read())
-
-
-def _threshold_calibration(method: Method, cfg: RunConfig, holdout_set: Dataset | None, run_dir: Path,
-                           device: torch.device) -> dict[str, Any]:
-    """The decision threshold (``calibration.json``) from the held-out normals, when there are any.
-
-    Too few normals for ``eval.far`` is not fatal here — the trained model is saved — but said once, with the fix.
-    """
-    from ..deploy.calibration import CalibrationError, calibrate_from_scores, write_calibration
-
-    if holdout_set is None:
-        return {}
-    out = predict_dataset(method, holdout_set, cfg.data.eval_batch_size, device, cfg.data.num_workers,
-                          desc="calibrate")
-    try:
-        calibration = calibrate_from_scores(out.scores, out.maps, cfg.eval.far, cfg.eval.pixel_far, source="holdout")
-    except CalibrationError as err:
-        log.warning("no decision threshold for %s: %s. Calibrate later with `reconad calibrate %s --normal DIR` "
-                    "or a larger --data.holdout_fraction", run_dir, err, run_dir)
-        return {"threshold": {"skipped": str(err)}}
-    write_calibration(run_dir, calibration)
-    return {"threshold": {"far": calibration.far, "image_threshold": calibration.image_threshold,
-                          "n_images": calibration.n_images, "source": "holdout"}}
 
 
 def _weights_source(method: Method, cfg: RunConfig) -> str:

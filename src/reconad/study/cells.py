@@ -110,9 +110,13 @@ def run_cell(cell: Cell, fit: Callable | None = None, desc: str | None = None) -
     A failure is written to ``failed.json`` in the cell's folder and returned, never raised (the study goes
     on); ``KeyboardInterrupt`` stops the study and leaves the last checkpoint for the next call.
     """
-    from .. import engine
+    if fit is None:  # the engine's fit, calibrated at its end like `reconad fit`
+        from functools import partial
 
-    fit = fit or engine.fit
+        from .. import engine
+        from ..deploy.calibrate import calibrate_after_fit
+
+        fit = partial(engine.fit, after_save=calibrate_after_fit)
     status = cell_status(cell.run_dir)
     if status == "done":
         return {"status": "done", "ran": False}
