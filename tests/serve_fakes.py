@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-
-@dataclass
-class FakeResult:
-    anomaly_map: np.ndarray
-    score: float
-    normalised_score: float | None
-    normalised_map: np.ndarray | None
-    label: str | None
-    threshold: float | None
-    mask: np.ndarray | None
+from reconad.deploy.runtime import DetectorResult  # the real result type: torch-free
 
 
 class FakeCalibration:
@@ -66,10 +56,10 @@ class FakePredictor:
             score = float(amap.max())
             cal = self.calibration
             if cal is None:
-                out.append(FakeResult(amap, score, None, None, None, None, None))
+                out.append(DetectorResult(amap, score, None, None, None, None, None))
             else:
                 nmap = cal.normalise_map(amap)
-                out.append(FakeResult(amap, score, float(cal.normalise_score(score)), nmap, cal.label(score),
+                out.append(DetectorResult(amap, score, float(cal.normalise_score(score)), nmap, cal.label(score),
                                       cal.image_threshold, amap > cal.pixel_threshold))
         return out
 

@@ -3,6 +3,7 @@ users expect: hidden files ignored, odd image modes converted)."""
 
 from __future__ import annotations
 
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -258,22 +259,19 @@ def test_hidden_and_system_files_are_ignored(root: Path) -> None:
 
 
 def test_a_file_where_a_folder_is_expected(tmp_path: Path) -> None:
+    def replaced_by_a_file(folder: Path) -> Path:
+        shutil.rmtree(folder)
+        folder.write_text("oops")
+        return folder
+
     root = make_mvtec(tmp_path / "a")
-    good = root / "widget" / "train" / "good"
-    for path in good.iterdir():
-        path.unlink()
-    good.rmdir()
-    good.write_text("oops")
+    good = replaced_by_a_file(root / "widget" / "train" / "good")
     with pytest.raises(DataError, match="is a file, but a folder is expected") as err:
         build_datasets(cfg(root))
     _names_file(err, good)
 
     root = make_mvtec(tmp_path / "b")
-    gt = root / "widget" / "ground_truth" / "crack"
-    for path in gt.iterdir():
-        path.unlink()
-    gt.rmdir()
-    gt.write_text("oops")
+    gt = replaced_by_a_file(root / "widget" / "ground_truth" / "crack")
     with pytest.raises(DataError, match="is a file") as err:
         build_datasets(cfg(root))
     _names_file(err, gt)

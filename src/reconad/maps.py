@@ -92,15 +92,6 @@ def _padding_indices(length: int, radius: int, padding: str, device) -> Tensor:
     raise ValueError(f"padding must be 'scipy', 'reflect' or 'zeros', got {padding!r}")
 
 
-def _pad_along(x: Tensor, dim: int, radius: int, padding: str) -> Tensor:
-    if padding == "zeros":
-        shape = list(x.shape)
-        shape[dim] = radius
-        zeros = x.new_zeros(shape)
-        return torch.cat([zeros, x, zeros], dim=dim)
-    return x.index_select(dim, _padding_indices(x.shape[dim], radius, padding, x.device))
-
-
 def _blur_matrix(length: int, kernel: Tensor, padding: str) -> Tensor:
     """(L, L) matrix of the padded 1-D correlation with the symmetric ``kernel`` along an axis of ``length``.
 

@@ -55,9 +55,6 @@ class _LogBar:
     def set_postfix(self, **values: Any) -> None:
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
 
-    def set_description(self, desc: str) -> None:
-        self.desc = desc
-
     def _emit(self) -> None:
         self.last = time.monotonic()
         elapsed = self.last - self.start

@@ -31,6 +31,7 @@ from .errors import RunFolderError
 from .plots import figures as pf
 from .plots import runs as pr
 from .plots import style
+from .study.definition import finite_number
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -95,23 +96,19 @@ def gather(path: str | Path) -> ReportData:
 
 
 # -- numbers as text ----------------------------------------------------------------------------------------
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
 def pct(mean: Any, std: Any = None) -> str:
     """``98.5 ± 0.3`` (values ×100); ``–`` when missing (tables say why in their note)."""
-    if not _finite(mean):
+    if not finite_number(mean):
         return "–"
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if _finite(std) else f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if finite_number(std) else f"{100 * mean:.1f}"
 
 
 def _signed(v: float) -> str:
-    return f"{100 * v:+.2f}" if _finite(v) else "–"
+    return f"{100 * v:+.2f}" if finite_number(v) else "–"
 
 
 def _p(v: Any) -> str:
-    if not _finite(v):
+    if not finite_number(v):
         return "–"
     return f"{v:.3g}" if v >= 1e-3 else f"{v:.1e}"
 
@@ -136,11 +133,11 @@ def category_mean(rows: Sequence[Mapping[str, Any]], run: str, metric: str, cate
     every used category, so ± is the seed-to-seed std of the reported mean.
     """
     done = [r for r in rows if r["run"] == run and r.get("status") == "done" and r["category"] in categories]
-    used = [c for c in categories if any(r["category"] == c and _finite(r.get(metric)) for r in done)]
+    used = [c for c in categories if any(r["category"] == c and finite_number(r.get(metric)) for r in done)]
     missing = [c for c in categories if c not in used]
     by_seed: dict[Any, dict[str, float]] = {}
     for r in done:
-        if r["category"] in used and _finite(r.get(metric)):
+        if r["category"] in used and finite_number(r.get(metric)):
             by_seed.setdefault(r["seed"], {})[r["category"]] = float(r[metric])
     per_seed = [float(np.mean([v[c] for c in used])) for v in by_seed.values() if used and set(v) >= set(used)]
     mean = float(np.mean(per_seed)) if per_seed else math.nan
@@ -155,7 +152,7 @@ def _coverage(cm: CategoryMean, n: int) -> str:
 def _means_text(cm: CategoryMean, n: int) -> str:
     if not cm.used:
         return "n/a"
-    if not _finite(cm.mean):
+    if not finite_number(cm.mean):
         return "no seed in all"
     return pct(cm.mean, cm.std) + _coverage(cm, n)
 
@@ -173,7 +170,7 @@ def _coverage_notes(rows, runs, metrics, categories) -> list[str]:
                                             f"no finished cell in {', '.join(no_cell)}" if no_cell else "") if x)
                 notes.append(f"{run} · {style.metric_name(m)}: mean over {len(cm.used)} of {len(categories)} "
                              f"categories ({', '.join(cm.used)}); {why}")
-            elif cm.used and not _finite(cm.mean):
+            elif cm.used and not finite_number(cm.mean):
                 notes.append(f"{run} · {style.metric_name(m)}: no seed finished in every category "
                              f"({', '.join(cm.used)}), so no mean")
     return notes
@@ -205,7 +202,7 @@ def per_category_table(summary: Sequence[Mapping[str, Any]], rows: Sequence[Mapp
         if (run, category) not in by:
             return "no cell"
         r = by[(run, category)]
-        return pct(r[f"{metric}_mean"], r[f"{metric}_std"]) if _finite(r[f"{metric}_mean"]) else "n/a"
+        return pct(r[f"{metric}_mean"], r[f"{metric}_std"]) if finite_number(r[f"{metric}_mean"]) else "n/a"
 
     table = [[c, *(cell(run, c) for run in runs)] for c in categories]
     groups = {"mean": list(categories), **{f"mean ({g})": m for g, m in st.category_groups(categories).items()}}
@@ -220,7 +217,7 @@ def paper_layout_table(summary: Sequence[Mapping[str, Any]], rows: Sequence[Mapp
     """The papers' layout for one run: category rows (then the means over categories and groups), metric
     columns, mean over seeds (%); ``n/a`` where a category has no such metric."""
     by = {r["category"]: r for r in summary if r["run"] == run}
-    table = [[c, *(pct(by[c][f"{m}_mean"]) if _finite(by[c][f"{m}_mean"]) else "n/a" for m in metrics)]
+    table = [[c, *(pct(by[c][f"{m}_mean"]) if finite_number(by[c][f"{m}_mean"]) else "n/a" for m in metrics)]
              for c in categories if c in by]
     if not table:
         return [], []
@@ -228,7 +225,7 @@ def paper_layout_table(summary: Sequence[Mapping[str, Any]], rows: Sequence[Mapp
     groups = {"mean": present, **{f"mean ({g})": m for g, m in st.category_groups(present).items()}}
     for label, members in groups.items():
         means = [category_mean(rows, run, m, members) for m in metrics]
-        table.append([label, *((pct(cm.mean) + _coverage(cm, len(members))) if _finite(cm.mean) else "n/a"
+        table.append([label, *((pct(cm.mean) + _coverage(cm, len(members))) if finite_number(cm.mean) else "n/a"
                                for cm in means)])
     return ["category", *(style.metric_name(m) for m in metrics)], table
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ReconadError
-from .calibration import Calibration, conformal_threshold, load_calibration
+from .calibration import Calibration, load_calibration
 from .runtime import EXPORT_FILE, DetectorResult, ImageInput, load_rgb, make_result, threshold_source
 
 __all__ = ["PredictSummary", "RunPredictor", "open_predictor", "predict_folder"]
@@ -164,7 +164,7 @@ def _decision_threshold(calibration: Calibration | None, threshold: float | None
     if far is not None:
         if calibration is None:
             raise ReconadError(f"--far needs a calibration; {NO_THRESHOLD.split(': ', 1)[1]}")
-        return conformal_threshold(calibration.normal_scores, far), \
+        return calibration.at_far(far).image_threshold, \
             f"conformal FAR {far:g} on {calibration.n_images} normal images ({calibration.source})"
     if calibration is None:
         return None, None

@@ -33,10 +33,6 @@ class Schedule:
     epochs: int | None = None
     steps_per_epoch: float | None = None
 
-    @property
-    def counts_epochs(self) -> bool:
-        return self.steps_per_epoch is not None
-
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """Entries of ``log.jsonl`` (an incomplete last line, cut by a kill, is dropped)."""

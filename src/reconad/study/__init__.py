@@ -44,6 +44,7 @@ from .definition import (
     Study,
     StudyError,
     StudyRun,
+    finite_number,
     load_study,
     merge_studies,
     parse_seeds,
@@ -58,7 +59,7 @@ from .stats import PairedResult, bootstrap_ci, comparison_pairs, paired_comparis
 from .tables import write_tables
 from .workqueue import Claim, claim_path, run_worker, try_claim
 
-__all__ = [
+__all__ = ["finite_number",
     "CELL_FILE",
     "CHECKPOINTS_PER_CELL",
     "CLAIMS_DIR",

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .cells import Cell, cell_status, run_cell
-from .definition import _finite, _read_json
+from .definition import _read_json, finite_number
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class CellReporter:
         else:
             self.durations.append(seconds)
             auroc = _read_json(cell.run_dir / METRICS_FILE).get("metrics", {}).get("image_auroc")
-            text = f"done in {format_duration(seconds)}" + (f", I-AUROC {100 * auroc:.1f}" if _finite(auroc) else "")
+            text = f"done in {format_duration(seconds)}"
+            if finite_number(auroc):
+                text += f", I-AUROC {100 * auroc:.1f}"
         log.info("%s — %s%s", self.name(cell), text, self.eta())
 
     def eta(self) -> str:

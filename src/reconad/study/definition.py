@@ -261,8 +261,9 @@ def resolved(study: Study) -> Study:
     return replace(study, categories=study.category_list(), seeds=study.seed_list())
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float | np.number) and math.isfinite(float(v))
+def finite_number(v: Any) -> bool:
+    """A finite metric value (not None, NaN, inf or a bool): what tables, summaries and reports may average."""
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -12,7 +12,16 @@ import numpy as np
 import yaml
 
 from .cells import Cell, cell_status, grid
-from .definition import CELL_FILE, FAILED_FILE, ID_COLUMNS, STUDY_FILE, Study, _finite, _read_json, study_from_dict
+from .definition import (
+    CELL_FILE,
+    FAILED_FILE,
+    ID_COLUMNS,
+    STUDY_FILE,
+    Study,
+    _read_json,
+    finite_number,
+    study_from_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +111,7 @@ def summarize(rows: Sequence[dict[str, Any]], categories: Sequence[str] | None =
 def _summary_row(run: str, category: str, cells: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"run": run, "category": category, "n_seeds": len(cells)}
     for m in metrics:
-        row[f"{m}_mean"], row[f"{m}_std"] = _mean_std([c[m] for c in cells if _finite(c.get(m))])
+        row[f"{m}_mean"], row[f"{m}_std"] = _mean_std([c[m] for c in cells if finite_number(c.get(m))])
     return row
 
 
@@ -115,7 +124,7 @@ def _group_row(run: str, label: str, members: Sequence[str], cells: list[dict[st
         per_seed = []
         for s in seeds:
             values = [c.get(m) for c in cells if c["seed"] == s and c["category"] in members]
-            if all(_finite(v) for v in values):
+            if all(finite_number(v) for v in values):
                 per_seed.append(float(np.mean(values)))
         row[f"{m}_mean"], row[f"{m}_std"] = _mean_std(per_seed)
     return row

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .definition import Study, _finite
+from .definition import Study, finite_number
 from .results import _done, metric_columns
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ def wilcoxon_p(diffs: Sequence[float]) -> tuple[float, str]:
 def verdict(a: str, b: str, ci: tuple[float, float], p: float, alpha: float = 0.05) -> str:
     """``b > a`` / ``b < a`` when the CI excludes 0 and p < alpha (higher metric = better), else no evidence."""
     low, high = ci
-    if _finite(p) and p < alpha and low > 0:
+    if finite_number(p) and p < alpha and low > 0:
         return f"{b} better"
-    if _finite(p) and p < alpha and high < 0:
+    if finite_number(p) and p < alpha and high < 0:
         return f"{a} better"
     return "no clear difference"
 
@@ -91,7 +91,7 @@ def paired_comparison(rows: Sequence[dict[str, Any]], a: str, b: str, metric: st
     """Compare runs ``b`` and ``a`` on ``metric`` over the (category, seed) cells both finished."""
     done = {(r["run"], r["category"], r["seed"]): r.get(metric) for r in _done(rows)}
     keys = sorted({(c, s) for run, c, s in done if run == a} & {(c, s) for run, c, s in done if run == b})
-    keys = [k for k in keys if _finite(done[(a, *k)]) and _finite(done[(b, *k)])]
+    keys = [k for k in keys if finite_number(done[(a, *k)]) and finite_number(done[(b, *k)])]
     va = np.array([done[(a, *k)] for k in keys], dtype=float)
     vb = np.array([done[(b, *k)] for k in keys], dtype=float)
     if not keys:
