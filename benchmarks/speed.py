@@ -52,7 +52,8 @@ from torch import Tensor, nn
 
 from reconad.acceleration import apply_inference_speedups
 from reconad.backbones import create_backbone
-from reconad.config import OptimConfig
+from reconad.config import OptimConfig, make_config
+from reconad.engine.cache import IndexedSamples, build_feature_cache, cached_batches, with_cached_rows
 from reconad.methods.base import Method
 from reconad.nets import ulsad as ulsad_nets
 from reconad.registry import create_method, get_method_class
@@ -186,8 +187,7 @@ class PngImages(torch.utils.data.Dataset):
         return {"image": image, **self.method.train_views(image)}
 
 
-def loader_for(method: Method, args, device: torch.device) -> torch.utils.data.DataLoader:
-    data = PngImages(args.train_batch * args.e2e_batches, args.size_of_case, method)
+def loader_for(data: torch.utils.data.Dataset, args, device: torch.device) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(data, batch_size=args.train_batch, num_workers=args.workers,
                                        pin_memory=device.type == "cuda", drop_last=True,
                                        persistent_workers=args.workers > 0)
@@ -320,18 +320,57 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def e2e_fn(method: Method, optimizer, loader, device: torch.device, precision: str) -> Callable[[], None]:
+def _train_on(method: Method, optimizer, batches, device: torch.device, precision: str) -> None:
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast(device, precision):
+            loss = method.loss(batch, 0.5)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def e2e_fn(method: Method, optimizer, data, args, device: torch.device) -> Callable[[], None]:
+    """``args.e2e_epochs`` epochs over ``data``, recomputing everything every epoch (the official way)."""
+    loader = loader_for(data, args, device)
+
     def run() -> None:
         method.train()
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(device, precision):
-                loss = method.loss(batch, 0.5)["loss"]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        for _ in range(args.e2e_epochs):
+            _train_on(method, optimizer, loader, device, args.precision)
 
     return run
+
+
+def e2e_cached_fn(method: Method, optimizer, data, args, device: torch.device) -> Callable[[], None]:
+    """The same epochs through the engine's feature cache (``train.feature_cache: on``): one pass over ``data``
+    through the frozen networks, then every epoch from the cache (RD4AD: no image decoded), the pass timed too."""
+    cfg = make_config(method.name, data={"num_workers": args.workers},
+                      train={"feature_cache": "on", "feature_cache_gib": 64})
+    loader = loader_for(IndexedSamples(data), args, device)
+
+    def run() -> None:
+        method.train()
+        cache = build_feature_cache(method, data, cfg, device, args.train_batch)
+        for _ in range(args.e2e_epochs):
+            if cache.replaces_images:
+                batches = cached_batches(cache, range(len(data)), args.train_batch, drop_last=True)
+            else:
+                batches = with_cached_rows(cache, loader)
+            _train_on(method, optimizer, batches, device, args.precision)
+
+    return run
+
+
+def cached_rows(method: Method, batch: dict) -> dict:
+    with torch.no_grad():
+        return method.frozen_features(batch)
+
+
+def with_rows(method: Method, images: Tensor, rows: dict) -> dict:
+    """A training batch as the feature cache hands it to ``loss``: fresh views (if the method needs images) plus
+    the cached frozen features."""
+    return rows if method.cache_replaces_images else {**method.training_batch(images), **rows}
 
 
 def bench_case(case: str, args, device: torch.device) -> dict:
@@ -361,18 +400,27 @@ def bench_case(case: str, args, device: torch.device) -> dict:
         "ours": train_step_fn(ours, opt["ours"], lambda: ours.training_batch(train_images), device, args.precision),
         "ref": wrap_official(ref, train_step_fn(ref, opt["ref"], ref_batch, device, args.precision)),
     }
+    rows = cached_rows(ours, ours.training_batch(train_images))  # computed once, as the feature cache does
+    if rows:
+        steps["cached"] = train_step_fn(ours, opt["ours"], lambda: with_rows(ours, train_images, rows), device,
+                                        args.precision)
     t = alternate(steps, device, args.warmup, args.repeats)
-    row.update(train_step_s=t["ours"], ref_train_step_s=t["ref"])
+    row.update(train_step_s=t["ours"], ref_train_step_s=t["ref"], cached_train_step_s=t.get("cached"))
     row["train_memory"] = measured(steps["ours"], device)
     row["ref_train_memory"] = measured(steps["ref"], device)
 
     if args.e2e_batches:
-        loaders = {k: loader_for(m, args, device) for k, m in (("ours", ours), ("ref", ref))}
-        e2e = {"ours": e2e_fn(ours, opt["ours"], loaders["ours"], device, args.precision),
-               "ref": wrap_official(ref, e2e_fn(ref, opt["ref"], loaders["ref"], device, args.precision))}
+        data = {k: PngImages(args.train_batch * args.e2e_batches, size, m) for k, m in (("ours", ours), ("ref", ref))}
+        e2e = {"nocache": e2e_fn(ours, opt["ours"], data["ours"], args, device),
+               "ref": wrap_official(ref, e2e_fn(ref, opt["ref"], data["ref"], args, device))}
+        if "cached" in steps:
+            e2e["ours"] = e2e_cached_fn(ours, opt["ours"], data["ours"], args, device)
         t = alternate(e2e, device, 0, 2)  # one pass in each order
-        n = args.train_batch * args.e2e_batches
-        row.update(train_e2e_images_per_s=n / t["ours"], ref_train_e2e_images_per_s=n / t["ref"])
+        t.setdefault("ours", t["nocache"])
+        n = args.train_batch * args.e2e_batches * args.e2e_epochs
+        row.update(train_e2e_images_per_s=n / t["ours"], ref_train_e2e_images_per_s=n / t["ref"],
+                   nocache_train_e2e_images_per_s=n / t["nocache"], e2e_epochs=args.e2e_epochs,
+                   e2e_images=args.train_batch * args.e2e_batches)
 
     ours.eval()
     ref.eval()
@@ -416,8 +464,12 @@ def bench_switches(ours: Method, method_name: str, backbone_name: str, size: int
     baseline = ours_eval(ours, images)
     rows = []
     for switch in args.switches:
+        if switch == "onnxruntime":
+            rows.append(bench_onnxruntime(ours, size, images, baseline, args, device))
+            continue
         fast = copy.deepcopy(ours)
-        cfg = SimpleNamespace(fold_bn=switch == "fold_bn", channels_last=switch == "channels_last",
+        parts = switch.split("+")
+        cfg = SimpleNamespace(fold_bn="fold_bn" in parts, channels_last="channels_last" in parts,
                               precision=switch if switch in ("bf16-mixed", "16-mixed") else "32-true",
                               compile=switch == "compile")
         apply_inference_speedups(fast, cfg)
@@ -428,6 +480,43 @@ def bench_switches(ours: Method, method_name: str, backbone_name: str, size: int
                      "fp32_images_per_s": batch / t["fp32"], "speedup": t["fp32"] / t[switch],
                      "max_abs_delta_vs_fp32": delta, "map_max": float(np.abs(baseline).max())})
     return rows
+
+
+def bench_onnxruntime(ours: Method, size: int, images: Tensor, baseline: np.ndarray, args,
+                      device: torch.device) -> dict:
+    """The whole pipeline exported to ONNX (``reconad export``'s graph) and run by onnxruntime on the CPU at the
+    same threads, vs our float32 eager path on the same images."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from reconad.deploy.export import write_model
+    from reconad.errors import ReconadError
+
+    row: dict[str, Any] = {"switch": "onnxruntime", "eval_batch": len(images)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        model = copy.deepcopy(ours).cpu().eval()
+        if getattr(model.cfg, "match_stable_sort", True) is False:
+            # GNL's official unstable sort has no ONNX equivalent: export the stable one (`reconad export
+            # --override match_stable_sort=true`); the deviation below is measured against the unstable eager maps
+            model.cfg.match_stable_sort = True
+            row["switch"] = "onnxruntime (match_stable_sort)"
+        try:
+            write_model(model, path, "onnx", size)
+        except ReconadError as err:
+            return {**row, "unavailable": str(err)[:300]}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        set_threads(args.threads)
+        feed = {"images": images.cpu().numpy()}
+        fns = {"fp32": lambda: ours_eval(ours, images), "onnxruntime": lambda: session.run(None, feed)[0]}
+        t = alternate(fns, device, args.warmup, args.repeats)
+        maps = session.run(None, feed)[0]
+    return {**row, "images_per_s": len(images) / t["onnxruntime"], "fp32_images_per_s": len(images) / t["fp32"],
+            "speedup": t["fp32"] / t["onnxruntime"], "max_abs_delta_vs_fp32": float(np.abs(maps - baseline).max()),
+            "map_max": float(np.abs(baseline).max())}
 
 
 # -- profile ---------------------------------------------------------------------------------------------------------
@@ -487,17 +576,22 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def table(rows: list[dict], eval_batches: list[int]) -> str:
-    head = ["method", "backbone", "px", "train e2e img/s (×ref)", "train step s (ref/ours)"]
+    head = ["method", "backbone", "px", "train e2e img/s (×ref)", "e2e no cache (×ref)", "train step s (ref/ours)",
+            "cached step s (ref/ours)"]
     head += [f"eval b{b} img/s (×ref)" for b in eval_batches]
     head += ["max |Δ| vs ref", "peak RSS GiB train/eval (ref)", "GMAC/img", "MAC-bound"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["method"] in NO_OFFICIAL_CODE:
             r = {k: v for k, v in r.items() if not k.startswith("ref_") or k.endswith("_memory")}
-        e2e = r.get("train_e2e_images_per_s")
+        e2e, plain, cached = (r.get(k) for k in ("train_e2e_images_per_s", "nocache_train_e2e_images_per_s",
+                                                   "cached_train_step_s"))
+        ref_e2e, ref_step = r.get("ref_train_e2e_images_per_s"), r.get("ref_train_step_s")
         cells = [r["method"], r["backbone"], str(r["size"]),
-                 f"{e2e:.2f} ({ratio(e2e, r.get('ref_train_e2e_images_per_s'))})" if e2e else "–",
-                 f"{r['train_step_s']:.3f} ({ratio(r.get('ref_train_step_s'), r['train_step_s'])})"]
+                 f"{e2e:.2f} ({ratio(e2e, ref_e2e)})" if e2e else "–",
+                 f"{plain:.2f} ({ratio(plain, ref_e2e)})" if plain else "–",
+                 f"{r['train_step_s']:.3f} ({ratio(ref_step, r['train_step_s'])})",
+                 f"{cached:.3f} ({ratio(ref_step, cached)})" if cached else "–"]
         for b in eval_batches:
             v = r[f"eval_b{b}_images_per_s"]
             cells.append(f"{v:.2f} ({ratio(v, r.get(f'ref_eval_b{b}_images_per_s'))})")
@@ -515,13 +609,29 @@ def table(rows: list[dict], eval_batches: list[int]) -> str:
 
 
 def switch_table(rows: list[dict]) -> str:
-    lines = ["| method | backbone | switch | eval img/s | ×fp32 | max abs Δ maps (map max) |",
-             "|---|---|---|---|---|---|"]
+    """Each switch: its images/s, ×our float32 (alternated with it), ×the reference at the same batch (measured
+    earlier in the same run), and the deviation of its maps."""
+    lines = ["| method | backbone | switch | eval img/s | ×fp32 | ×ref | max abs Δ maps (map max) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         for s in r["switches"]:
+            if "unavailable" in s:
+                lines.append(f"| {r['method']} | {r['backbone']} | {s['switch']} | – | – | – | {s['unavailable']} |")
+                continue
+            ref = None if r["method"] in NO_OFFICIAL_CODE else r.get(f"ref_eval_b{s['eval_batch']}_images_per_s")
             lines.append(f"| {r['method']} | {r['backbone']} | {s['switch']} | {s['images_per_s']:.2f} "
-                         f"| {s['speedup']:.2f} | {s['max_abs_delta_vs_fp32']:.1e} ({s['map_max']:.2f}) |")
+                         f"| {s['speedup']:.2f} | {ratio(s['images_per_s'], ref)} "
+                         f"| {s['max_abs_delta_vs_fp32']:.1e} ({s['map_max']:.2f}) |")
     return "\n".join(lines)
+
+
+def print_tables(result: dict) -> None:
+    rows = result["results"]
+    batches = sorted({int(k[len("eval_b"):-len("_images_per_s")]) for r in rows for k in r
+                      if k.startswith("eval_b") and k.endswith("_images_per_s")})
+    print(table(rows, batches))
+    print()
+    print(switch_table(rows))
 
 
 def main() -> None:
@@ -531,19 +641,26 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--eval-batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--e2e-batches", type=int, default=2, help="batches per end-to-end pass (0: skip)")
+    parser.add_argument("--e2e-batches", type=int, default=2, help="batches per end-to-end epoch (0: skip)")
+    parser.add_argument("--e2e-epochs", type=int, default=3, help="epochs per end-to-end pass")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the end-to-end pass")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--switches", nargs="*", default=["fold_bn", "channels_last", "bf16-mixed"],
-                        choices=["fold_bn", "channels_last", "bf16-mixed", "16-mixed", "compile"])
+                        choices=["fold_bn", "channels_last", "fold_bn+channels_last", "bf16-mixed", "16-mixed",
+                                 "compile", "onnxruntime"])
     parser.add_argument("--profile", action="store_true", help="print where the time goes instead of timing")
     parser.add_argument("--profile-top", type=int, default=8)
     parser.add_argument("--hires", type=int, nargs="*", default=[], help="rd4ad WRN50-2 inference memory sizes")
     parser.add_argument("--hires-chunk", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/speed_<kind>_<device>.json)")
+    parser.add_argument("--print", dest="print_json", default=None, metavar="JSON",
+                        help="print the tables of an earlier run's JSON (no timing)")
     args = parser.parse_args()
+    if args.print_json:
+        print_tables(json.loads(Path(args.print_json).read_text()))
+        return
 
     set_threads(args.threads)
     device = torch.device(args.device)

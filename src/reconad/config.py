@@ -140,6 +140,14 @@ class TrainConfig:
     ``log.jsonl`` stays the ground truth."""
     threads: int | None = None
     """CPU threads for torch (``None`` leaves torch's default)."""
+    feature_cache: Literal["auto", "on", "off"] | bool = "auto"
+    """Keep what the method's FROZEN networks compute on each clean training image (RD4AD's teacher taps, the
+    ReContrast twin, GNL's clean and gray views, RD++'s clean view, ULSAD's standardised features) from one pass
+    before training, instead of recomputing it every epoch (``reconad.engine.cache``): the same numbers, fewer
+    MACs; RD4AD then needs no image decoding after that pass. ``auto``: when it fits ``feature_cache_gib``;
+    ``on`` (``true``): always (an error if it does not fit); ``off`` (``false``): the official computation."""
+    feature_cache_gib: float = 4.0
+    """Largest feature cache ``feature_cache: auto`` / ``on`` keeps, in GiB, on the training device."""
 
 
 @dataclass

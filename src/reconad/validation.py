@@ -147,6 +147,8 @@ def _train_problems(cfg: RunConfig) -> Problems:
               hint="set null to checkpoint only by --train.checkpoint_every and at the end")
     _at_least(problems, "train.eval_every", train.eval_every, 1, optional=True)
     _at_least(problems, "train.threads", train.threads, 1, optional=True)
+    _positive(problems, "train.feature_cache_gib", train.feature_cache_gib,
+              hint="the largest feature cache in GiB, e.g. 4; --train.feature_cache off turns it off")
     return problems
 
 

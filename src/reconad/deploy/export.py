@@ -31,7 +31,7 @@ from ..errors import ReconadError
 from .calibration import load_calibration, write_calibration
 from .runtime import EXPORT_FILE, ExportError, preprocess, read_export_metadata
 
-__all__ = ["ExportModule", "ExportParityError", "export_run", "verify_export"]
+__all__ = ["ExportModule", "ExportParityError", "export_run", "verify_export", "write_model"]
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,24 @@ def _metadata(cfg: Any, fmt: str, calibration: Any, run_dir: Path) -> dict[str, 
     }
 
 
+def write_model(method: nn.Module, path: Path, format: str, image_size: int, opset: int | None = None) -> None:
+    """Write ``method``'s whole inference pipeline (images in [0, 1] → maps, scores; dynamic batch) as one ``format``
+    graph at ``path``, without the parity check :func:`export_run` adds (benchmarks measure their own).
+
+    Raises:
+        ExportError: The method/format cannot be exported, or the exporter failed.
+    """
+    _check_exportable(method, format)
+    example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    module = ExportModule(method).eval()
+    with _pinned_python_state(method), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about constants; the parity check is the judge
+        if format == "onnx":
+            _export_onnx(module, example, path, opset)
+        else:
+            _export_torchscript(module, example, path)
+
+
 def export_run(run_dir: str | Path, output_dir: str | Path, format: str = "onnx",
                images: str | Path | Sequence[str | Path] | None = None, tolerance: float = 1e-4,
                opset: int | None = None, overwrite: bool = False,
@@ -318,15 +336,7 @@ def export_run(run_dir: str | Path, output_dir: str | Path, format: str = "onnx"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
     try:
-        size = metadata["image_size"]
-        example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        module = ExportModule(method).eval()
-        with _pinned_python_state(method), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer chatter about constants; the parity check is the judge
-            if format == "onnx":
-                _export_onnx(module, example, staging / FORMATS[format], opset)
-            else:
-                _export_torchscript(module, example, staging / FORMATS[format])
+        write_model(method, staging / FORMATS[format], format, metadata["image_size"], opset)
         _write_metadata(staging, metadata)  # the runtime reads it for the parity run
         metadata["parity"] = record = _parity(method, staging, metadata, paths, tolerance)
         if not record["passed"]:

@@ -35,6 +35,7 @@ from ..run import (
 )
 from ..trackers import logger_names
 from ..validation import validate_run_config
+from .cache import IndexedSamples, build_feature_cache, cached_batches, with_cached_rows
 from .distributed import convert_sync_batchnorm, launch_rank, mean_over_ranks, per_rank_batch
 from .evaluation import EvaluationError, predict_dataset, score_outputs, write_overlays, write_test_results
 from .services import CheckpointTimer, SnapshotSelection, finite_terms
@@ -128,8 +129,10 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
         jsonl.truncate_after(done)
         snapshots.drop_after(done)
 
+    # after restore: the cache may depend on fitted statistics (ULSAD), which a checkpoint holds
+    cache = build_feature_cache(method, train_set, cfg, fabric.device, batch_size) if done < total else None
     loop = _TrainLoop(cfg, fabric, model, method, optimizer, scheduler, train_set, test_set, run_dir, jsonl,
-                      total, batches_per_epoch, accumulate, snapshots)
+                      total, batches_per_epoch, accumulate, snapshots, cache)
     loop.desc = desc or loop.desc
     trackers = _open_trackers(cfg, run_dir, jsonl) if fabric.is_global_zero else None
     try:
@@ -168,7 +171,8 @@ def _finish(cfg, fabric, method, loop, snapshots, holdout_set, train_set, test_s
     speedups = apply_inference_speedups(method, cfg.eval)  # inference-only switches (eval.*), after the last save
     summary = {**selection, **calibration, "method": cfg.method, "category": cfg.data.category, "batches": done,
                "steps": done // loop.accumulate, "n_train": len(train_set), "n_test": len(test_set),
-               "backbone_weights": _weights_source(method, cfg), **({"inference": speedups} if speedups else {})}
+               "backbone_weights": _weights_source(method, cfg), **({"inference": speedups} if speedups else {}),
+               **({"feature_cache": loop.cache.summary()} if loop.cache is not None else {})}
     if after_save is not None:  # e.g. the decision threshold (reconad.deploy), computed on the saved model
         summary.update(after_save(run_dir, cfg, fabric.device) or {})
     write_json(run_dir / PENDING_METRICS_FILE, summary)
@@ -259,12 +263,13 @@ class _TrainLoop:
     """The loop itself, split out of :func:`fit` so each piece stays short."""
 
     def __init__(self, cfg, fabric, model, method, optimizer, scheduler, train_set, test_set, run_dir, jsonl,
-                 total, batches_per_epoch, accumulate, snapshots):
+                 total, batches_per_epoch, accumulate, snapshots, cache=None):
         self.cfg, self.fabric, self.model, self.method = cfg, fabric, model, method
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_set, self.test_set, self.run_dir, self.jsonl = train_set, test_set, run_dir, jsonl
         self.total, self.per_epoch, self.accumulate = total, batches_per_epoch, accumulate
         self.snapshots = snapshots
+        self.cache = cache
         self.timer = CheckpointTimer(cfg.train.checkpoint_every, cfg.train.checkpoint_minutes)
         self.window: dict[str, list[float]] = {}
         self.skipped = 0
@@ -285,14 +290,22 @@ class _TrainLoop:
                 self.train_set.set_epoch(epoch)
             sampler = self.sampler_class(len(self.train_set), cfg.train.seed, epoch, offset * self.batch_size,
                                    self.fabric.global_rank, self.fabric.world_size)
-            loader = make_loader(self.train_set, self.batch_size, cfg.data.num_workers, sampler,
-                                 cfg.data.drop_last, pin_memory=self.fabric.device.type == "cuda",
-                                 seed=cfg.train.seed * 1_000_003 + epoch)
-            for batch in loader:
+            for batch in self._epoch_batches(sampler, epoch):
                 yield epoch, batch
                 done += 1
                 if done >= self.total:
                     return
+
+    def _epoch_batches(self, sampler, epoch: int) -> Iterator[dict[str, Any]]:
+        """The epoch's batches: from the data loader (with the cached rows added), or from the cache alone."""
+        cfg, cache = self.cfg, self.cache
+        if cache is not None and cache.replaces_images:
+            yield from cached_batches(cache, list(sampler), self.batch_size, cfg.data.drop_last)
+            return
+        dataset = IndexedSamples(self.train_set) if cache is not None else self.train_set
+        loader = make_loader(dataset, self.batch_size, cfg.data.num_workers, sampler, cfg.data.drop_last,
+                             pin_memory=self.fabric.device.type == "cuda", seed=cfg.train.seed * 1_000_003 + epoch)
+        yield from with_cached_rows(cache, loader) if cache is not None else loader
 
     def run(self, done: int, stop_after: int | None) -> int:
         cfg = self.cfg

@@ -123,6 +123,17 @@ class Method(nn.Module):
             batch[key] = torch.stack([v[key] for v in views]).to(images.device)
         return batch
 
+    # -- frozen computation the engine may cache (reconad.engine.cache) --------------------------------
+    cache_replaces_images: ClassVar[bool] = False
+    """With its :meth:`frozen_features` in the batch, :meth:`loss` needs no other entry (no image is loaded)."""
+
+    def frozen_features(self, batch: dict[str, Any]) -> dict[str, list[Tensor]]:
+        """What this method's frozen networks compute from a training sample's deterministic inputs (the clean
+        image, deterministic views), keyed as :meth:`loss` looks for them in the batch. The engine computes it once
+        per training image (``train.feature_cache``) and adds the rows to every batch; it must not depend on
+        anything training changes. Default: nothing to cache."""
+        return {}
+
     # -- fitted statistics -----------------------------------------------------------------------------
     def prepare(self, loader: Iterable[dict[str, Any]]) -> None:
         """Fit statistics needed before training (buffers ending in ``_``). Default: nothing."""

@@ -153,14 +153,28 @@ class GNL(RD4AD):
         z = self.bottleneck(feats)
         return z, self.decoder(z)
 
+    cache_replaces_images = False  # the AugMix view is new every epoch
+
+    def frozen_features(self, batch: dict[str, Any]) -> dict[str, list[Tensor]]:
+        # the clean and the gray view are the same every epoch; only the AugMix view is drawn anew
+        return {"cached_clean": self.backbone(self.backbone.normalize(batch["image"])),
+                "cached_gray": self.backbone(batch["gray"])}
+
+    def _teacher_views(self, batch: dict[str, Any]) -> list[list[Tensor]]:
+        """The frozen encoder's taps of the clean, AugMix and gray views (clean and gray from the cache if there)."""
+        n = batch["image"].shape[0]
+        if "cached_clean" in batch and "cached_gray" in batch:
+            return [batch["cached_clean"], self.backbone(batch["augmix"]), batch["cached_gray"]]
+        views = torch.cat([self.backbone.normalize(batch["image"]), batch["augmix"], batch["gray"]])
+        # the frozen encoder is in eval mode: one pass over the three views equals three passes
+        feats = [f.split(n) for f in self.backbone(views)]
+        return [[f[v] for f in feats] for v in range(3)]
+
     def loss(self, batch: dict[str, Any], progress: float) -> dict[str, Tensor]:
         if "augmix" not in batch or "gray" not in batch:
             batch = {**batch, **self.training_batch(batch["image"])}
         n = batch["image"].shape[0]
-        views = torch.cat([self.backbone.normalize(batch["image"]), batch["augmix"], batch["gray"]])
-        # the frozen encoder is in eval mode: one pass over the three views equals three passes
-        feats = [f.split(n) for f in self.backbone(views)]
-        per_view = [[f[v] for f in feats] for v in range(3)]  # clean, augmix, gray
+        per_view = self._teacher_views(batch)  # clean, augmix, gray
         if self.cfg.separate_passes:
             # parity: official_code.md §5.2 — three OCBE/decoder passes per iteration (clean, AugMix, gray)
             outs = [self._student(f) for f in per_view]

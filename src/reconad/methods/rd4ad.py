@@ -95,8 +95,15 @@ class RD4AD(ReverseDistillationRules, Method):
         recon = self.decoder(self.bottleneck(feats))
         return list(zip(feats, recon))
 
+    cache_replaces_images = True  # the loss needs only the teacher's taps
+
+    def frozen_features(self, batch: dict[str, Any]) -> dict[str, list[Tensor]]:
+        return {"cached_teacher": self.encode(batch["image"])}
+
     def loss(self, batch: dict[str, Any], progress: float) -> dict[str, Tensor]:
-        total = summed_over_levels(LOSSES[self.cfg.loss], self.pairs(batch["image"]))
+        feats = batch["cached_teacher"] if "cached_teacher" in batch else self.encode(batch["image"])
+        recon = self.decoder(self.bottleneck(feats))
+        total = summed_over_levels(LOSSES[self.cfg.loss], list(zip(feats, recon)))
         return {"loss": total}
 
     def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:

@@ -124,6 +124,9 @@ class RDPP(ReverseDistillationRules, Method):
             # the whole batch at once, on the images' device: equal to stacking train_views image by image
             return {"image": images, "noisy": self.noise.batch(images)}
 
+    def frozen_features(self, batch: dict[str, Any]) -> dict[str, list[Tensor]]:
+        return {"cached_teacher": self.encode(batch["image"])}  # the clean view; the noisy one is drawn anew
+
     def pairs(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
         feats = self.encode(images)  # [(B, c_k, H_k, W_k)] — the map uses the unprojected features
         recon = self.decoder(self.bottleneck(self.proj(feats)))
@@ -133,9 +136,13 @@ class RDPP(ReverseDistillationRules, Method):
         images = batch["image"]
         noisy = batch["noisy"] if "noisy" in batch else self.training_batch(images)["noisy"]
         n = images.shape[0]
-        # clean and noisy in one pass: the frozen encoder (eval BN) and InstanceNorm act per sample
-        both = self.encode(torch.cat([images, noisy]))
-        feats, feats_noisy = [f[:n] for f in both], [f[n:] for f in both]
+        if "cached_teacher" in batch:  # the clean view's taps from the feature cache: only the noisy view is new
+            feats, feats_noisy = batch["cached_teacher"], self.encode(noisy)
+            both = [torch.cat([f, g]) for f, g in zip(feats, feats_noisy)]
+        else:
+            # clean and noisy in one pass: the frozen encoder (eval BN) and InstanceNorm act per sample
+            both = self.encode(torch.cat([images, noisy]))
+            feats, feats_noisy = [f[:n] for f in both], [f[n:] for f in both]
         projected = self.proj(both)
         proj, proj_noisy = [p[:n] for p in projected], [p[n:] for p in projected]
         recon = self.decoder(self.bottleneck(proj))  # the decoder is fed the projected clean features

@@ -110,12 +110,27 @@ class ReContrast(ReverseDistillationRules, Method):
                                                          act=ACTIVATIONS[cfg.decoder_act])
 
     # -- forward pieces ----------------------------------------------------------------------------------------------
-    def encode(self, images: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
-        """(encoder features, frozen-twin features or None); the twin runs under no_grad (it is frozen)."""
+    def encode(self, images: Tensor, cached: dict[str, Any] | None = None) -> tuple[list[Tensor], list[Tensor] | None]:
+        """(encoder features, frozen-twin features or None); the twin runs under no_grad (it is frozen).
+
+        ``cached``: a training batch holding :meth:`frozen_features` rows, used instead of recomputing them.
+        """
+        cached = cached or {}
         x = self.backbone.normalize(images)
-        feats = self.backbone(x)  # [(B, c1, H/4, W/4), (B, c2, H/8, W/8), (B, c3, H/16, W/16)]
-        frozen = self.frozen_backbone(x) if self.frozen_backbone is not None else None
+        # [(B, c1, H/4, W/4), (B, c2, H/8, W/8), (B, c3, H/16, W/16)]
+        feats = cached["cached_encoder"] if "cached_encoder" in cached else self.backbone(x)
+        if self.frozen_backbone is None:
+            return feats, None
+        frozen = cached["cached_frozen"] if "cached_frozen" in cached else self.frozen_backbone(x)
         return feats, frozen
+
+    def frozen_features(self, batch: dict[str, Any]) -> dict[str, list[Tensor]]:
+        """The frozen twin's taps; with ``train_encoder: false`` also the (then frozen) encoder's."""
+        x = self.backbone.normalize(batch["image"])
+        out = {"cached_frozen": self.frozen_backbone(x)} if self.frozen_backbone is not None else {}
+        if not self.cfg.train_encoder:
+            out["cached_encoder"] = self.backbone(x)
+        return out
 
     def _cross_pairs(self, feats: Sequence[Tensor], frozen: Sequence[Tensor]) -> list[Pairs]:
         """[(frozen target, head 0 on the trained half) × 3], [(trained target, head 1 on the frozen half) × 3]."""
@@ -133,9 +148,10 @@ class ReContrast(ReverseDistillationRules, Method):
         recon = [[heads[k][h](levels[k][h * n:(h + 1) * n]) for k in range(3)] for h in range(2)]
         return [list(zip(frozen, recon[0])), list(zip(feats, recon[1]))]
 
-    def pair_groups(self, images: Tensor) -> tuple[list[Pairs], list[Tensor], list[Tensor] | None]:
+    def pair_groups(self, images: Tensor, cached: dict[str, Any] | None = None,
+                    ) -> tuple[list[Pairs], list[Tensor], list[Tensor] | None]:
         """Pairs grouped by target encoder (frozen targets first), plus both encoders' features."""
-        feats, frozen = self.encode(images)
+        feats, frozen = self.encode(images, cached)
         if frozen is None:
             groups = [list(zip(feats, self.decoder(self.bottleneck(feats))))]
         else:
@@ -157,7 +173,7 @@ class ReContrast(ReverseDistillationRules, Method):
         return min(c.alpha_start + (c.alpha_end - c.alpha_start) * progress / c.alpha_warmup, c.alpha_end)
 
     def loss(self, batch: dict[str, Any], progress: float) -> dict[str, Tensor]:
-        groups, feats, frozen = self.pair_groups(batch["image"])
+        groups, feats, frozen = self.pair_groups(batch["image"], batch)
         alpha = self.alpha(progress)
         terms: dict[str, Tensor] = {}
         discarded: list[Tensor] = []

@@ -163,10 +163,12 @@ class ULSAD(Method):
             normalized = F.interpolate(normalized, size=(s, s), mode="bilinear", align_corners=False)
         return self.global_ae(normalized, out_size=size)
 
-    def branches(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(T, R, A) for [0, 1] images; R has 2C channels: ``R[:, :C]`` local, ``R[:, C:]`` global."""
+    def branches(self, images: Tensor, features: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(T, R, A) for [0, 1] images; R has 2C channels: ``R[:, :C]`` local, ``R[:, C:]`` global.
+
+        ``features``: T of these images from the feature cache (else computed)."""
         x = self.normalize(images)
-        t = self.features(x)  # (B, C, h, w)
+        t = self.features(x) if features is None else features  # (B, C, h, w)
         return t, self.frn(t), self.global_features(x, tuple(t.shape[-2:]))
 
     # -- fitted statistics -------------------------------------------------------------------------------------
@@ -223,13 +225,18 @@ class ULSAD(Method):
         return bool(self.qb_local_ != self.qa_local_) or bool(self.qb_global_ != self.qa_global_)
 
     # -- training ----------------------------------------------------------------------------------------------
+    def frozen_features(self, batch: dict[str, Any]) -> dict[str, list[Tensor]]:
+        # T depends on the frozen extractor and the statistics fitted by prepare() (before training) only
+        return {"cached_features": [self.features(self.normalize(batch["image"]))]}
+
     def loss(self, batch: dict[str, Any], progress: float) -> dict[str, Tensor]:
         c, cfg = self.feature_dim, self.cfg
         if self.training and batch["image"].shape[0] < 2:
             # the AE's enc6 output is 1 × 1, so its train-mode BatchNorm needs at least 2 images
             raise ValueError("ULSAD cannot train on a batch of 1 image (BatchNorm over the global AE's 1×1 code); "
                              "set --data.drop_last true or a batch size that leaves no single-image last batch")
-        t, r, a = self.branches(batch["image"])
+        cached = batch["cached_features"][0] if "cached_features" in batch else None
+        t, r, a = self.branches(batch["image"], cached)
         local = mse_cosine_map(t, r[:, :c], cfg.lambda_local).mean()
         attn = attention_loss(t, a, cfg.lambda_attention)
         global_local = mse_cosine_map(a, r[:, c:], cfg.lambda_global).mean()
