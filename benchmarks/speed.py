@@ -3,7 +3,8 @@ writes JSON (benchmarks/results/speed_*.json). Never run by the tests.
 
     python benchmarks/speed.py --threads 1                # CPU, all methods, EfficientNet-Lite0 128 px
     python benchmarks/speed.py --cases rd4ad:wide_resnet50_2:256 --threads 1
-    python benchmarks/speed.py --device cuda --workers 8 --switches fold_bn channels_last bf16-mixed compile
+    python benchmarks/speed.py --device cuda --workers 8 --switches fold_bn channels_last bf16-mixed compile \
+        --train-switches channels_last bf16-mixed channels_last+bf16-mixed
     python benchmarks/speed.py --profile                                    # where the time goes (torch.profiler)
     python benchmarks/speed.py --hires 512 1024                             # rd4ad WRN50-2 inference memory
 
@@ -21,6 +22,8 @@ Per case (``method:backbone:size``, random weights: speed does not depend on the
   reference keeps the preset width ``feature_dim: 384`` whatever the backbone;
 * max |Δ| of ours vs the reference's maps (the same weights), and each fast switch (``--switches``) with its speed
   and max |Δ| against our float32 maps;
+* each training switch (``--train-switches``: ``train.channels_last``, ``train.precision``) with its step time and
+  how far it moves training from the float32 path (losses and maps after ``--drift-steps`` steps on one batch);
 * MACs per image (hook counter over Conv2d / ConvTranspose2d / Linear) and the achieved fraction of the device's
   MAC bound, the bound being a measured large matmul at the same threads and dtype.
 
@@ -54,6 +57,7 @@ from reconad.acceleration import apply_inference_speedups
 from reconad.backbones import create_backbone
 from reconad.config import OptimConfig, make_config
 from reconad.engine.cache import IndexedSamples, build_feature_cache, cached_batches, with_cached_rows
+from reconad.engine.training import to_device
 from reconad.methods.base import Method
 from reconad.nets import ulsad as ulsad_nets
 from reconad.registry import create_method, get_method_class
@@ -386,6 +390,7 @@ def bench_case(case: str, args, device: torch.device) -> dict:
     train_images = torch.rand(args.train_batch, 3, size, size, generator=g).to(device)
     fit_statistics(ours, train_images)
     fit_statistics(ref, train_images)
+    start = copy.deepcopy(ours) if args.train_switches else None  # the training switches all start here
     opt = {k: torch.optim.Adam(m.param_groups(OptimConfig()), lr=1e-4) for k, m in (("ours", ours), ("ref", ref))}
     row: dict[str, Any] = {"method": method_name, "backbone": backbone_name, "size": size, "device": str(device),
                            "precision": args.precision, "train_batch": args.train_batch,
@@ -408,6 +413,9 @@ def bench_case(case: str, args, device: torch.device) -> dict:
     row.update(train_step_s=t["ours"], ref_train_step_s=t["ref"], cached_train_step_s=t.get("cached"))
     row["train_memory"] = measured(steps["ours"], device)
     row["ref_train_memory"] = measured(steps["ref"], device)
+    if start is not None:
+        row["train_switches"] = bench_train_switches(start, train_images, args, device)
+        del start
 
     if args.e2e_batches:
         data = {k: PngImages(args.train_batch * args.e2e_batches, size, m) for k, m in (("ours", ours), ("ref", ref))}
@@ -480,6 +488,60 @@ def bench_switches(ours: Method, method_name: str, backbone_name: str, size: int
                      "fp32_images_per_s": batch / t["fp32"], "speedup": t["fp32"] / t[switch],
                      "max_abs_delta_vs_fp32": delta, "map_max": float(np.abs(baseline).max())})
     return rows
+
+
+TRAIN_SWITCHES = ("channels_last", "bf16-mixed", "16-mixed", "channels_last+bf16-mixed")
+
+
+def bench_train_switches(start: Method, images: Tensor, args, device: torch.device) -> list[dict]:
+    """Each training switch (``train.channels_last``, ``train.precision``) against our float32 step, both from copies
+    of ``start``: the step's seconds (alternated, medians) and how far the switch moves the training — the first
+    loss, the loss after ``args.drift_steps`` steps on one fixed batch, and the maps those weights then give."""
+    probe = torch.rand(max(args.eval_batches), *images.shape[1:], generator=torch.Generator().manual_seed(2))
+    probe = probe.to(device)
+    rows = []
+    for switch in args.train_switches:
+        parts = switch.split("+")
+        nhwc = "channels_last" in parts
+        precision = next((p for p in parts if p in ("bf16-mixed", "16-mixed")), "32-true")
+        timed = {"fp32": _switch_step(start, images, device, False, "32-true"),
+                 switch: _switch_step(start, images, device, nhwc, precision)}
+        t = alternate(timed, device, args.warmup, args.repeats)
+        del timed
+        fixed = start.training_batch(images)  # one batch of views for both: only the switch differs
+        drift = {k: _drift(start, fixed, probe, device, *cfg, args.drift_steps)
+                 for k, cfg in (("fp32", (False, "32-true")), (switch, (nhwc, precision)))}
+        (losses, maps), (fast_losses, fast_maps) = drift["fp32"], drift[switch]
+        rows.append({"switch": switch, "train_step_s": t[switch], "fp32_train_step_s": t["fp32"],
+                     "speedup": t["fp32"] / t[switch], "drift_steps": args.drift_steps,
+                     "first_loss_rel_delta": abs(fast_losses[0] - losses[0]) / abs(losses[0]),
+                     "last_loss_rel_delta": abs(fast_losses[-1] - losses[-1]) / abs(losses[-1]),
+                     "max_abs_delta_maps": float(np.abs(fast_maps - maps).max()),
+                     "map_max": float(np.abs(maps).max())})
+    return rows
+
+
+def _switched_copy(start: Method, nhwc: bool) -> tuple[Method, torch.optim.Optimizer]:
+    method = copy.deepcopy(start)
+    if nhwc:
+        method.to(memory_format=torch.channels_last)  # what ``train.channels_last`` does before training
+    return method, torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4)
+
+
+def _switch_step(start: Method, images: Tensor, device: torch.device, nhwc: bool,
+                 precision: str) -> Callable[[], float]:
+    method, optimizer = _switched_copy(start, nhwc)
+    return train_step_fn(method, optimizer, lambda: to_device(method.training_batch(images), device, nhwc), device,
+                         precision)
+
+
+def _drift(start: Method, batch: dict, probe: Tensor, device: torch.device, nhwc: bool, precision: str,
+           steps: int) -> tuple[list[float], np.ndarray]:
+    method, optimizer = _switched_copy(start, nhwc)
+    step = train_step_fn(method, optimizer, lambda: to_device(batch, device, nhwc), device, precision)
+    losses = [step() for _ in range(steps)]
+    method.eval()
+    return losses, ours_eval(method, probe)
 
 
 def bench_onnxruntime(ours: Method, size: int, images: Tensor, baseline: np.ndarray, args,
@@ -625,6 +687,21 @@ def switch_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def train_switch_table(rows: list[dict]) -> str:
+    """Each training switch: its step seconds, ×our float32 step (alternated with it), ×the reference's step, and how
+    far it moves training from the float32 path after a few steps on one batch."""
+    lines = ["| method | backbone | train switch | step s | ×fp32 | ×ref | rel Δ first loss | rel Δ loss after n "
+             "steps (n) | max abs Δ maps after n (map max) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = None if r["method"] in NO_OFFICIAL_CODE else r.get("ref_train_step_s")
+        for s in r.get("train_switches", []):
+            lines.append(f"| {r['method']} | {r['backbone']} | {s['switch']} | {s['train_step_s']:.3f} "
+                         f"| {s['speedup']:.2f} | {ratio(ref, s['train_step_s'])} | {s['first_loss_rel_delta']:.1e} "
+                         f"| {s['last_loss_rel_delta']:.1e} ({s['drift_steps']}) "
+                         f"| {s['max_abs_delta_maps']:.1e} ({s['map_max']:.2f}) |")
+    return "\n".join(lines)
+
+
 def print_tables(result: dict) -> None:
     rows = result["results"]
     batches = sorted({int(k[len("eval_b"):-len("_images_per_s")]) for r in rows for k in r
@@ -632,6 +709,8 @@ def print_tables(result: dict) -> None:
     print(table(rows, batches))
     print()
     print(switch_table(rows))
+    print()
+    print(train_switch_table(rows))
 
 
 def main() -> None:
@@ -650,6 +729,9 @@ def main() -> None:
     parser.add_argument("--switches", nargs="*", default=["fold_bn", "channels_last", "bf16-mixed"],
                         choices=["fold_bn", "channels_last", "fold_bn+channels_last", "bf16-mixed", "16-mixed",
                                  "compile", "onnxruntime"])
+    parser.add_argument("--train-switches", nargs="*", default=["channels_last", "bf16-mixed"],
+                        choices=list(TRAIN_SWITCHES))
+    parser.add_argument("--drift-steps", type=int, default=3, help="steps of the training switches' deviation")
     parser.add_argument("--profile", action="store_true", help="print where the time goes instead of timing")
     parser.add_argument("--profile-top", type=int, default=8)
     parser.add_argument("--hires", type=int, nargs="*", default=[], help="rd4ad WRN50-2 inference memory sizes")
@@ -693,9 +775,7 @@ def main() -> None:
             print(table(rows[-1:], args.eval_batches).splitlines()[-1], flush=True)
         result["results"] = rows
         print()
-        print(table(rows, args.eval_batches))
-        print()
-        print(switch_table(rows))
+        print_tables(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwritten {out}")

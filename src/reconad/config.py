@@ -148,6 +148,9 @@ class TrainConfig:
     ``on`` (``true``): always (an error if it does not fit); ``off`` (``false``): the official computation."""
     feature_cache_gib: float = 4.0
     """Largest feature cache ``feature_cache: auto`` / ``on`` keeps, in GiB, on the training device."""
+    channels_last: bool = False
+    """Train with NHWC (``torch.channels_last``) weights and images: a fast switch, off by default because it changes
+    the float32 sums in their last bits, which training amplifies (its speed and deviation: docs/performance.md)."""
 
 
 @dataclass

@@ -108,6 +108,8 @@ def fit(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     method.prepare(make_loader(train_set, cfg.data.eval_batch_size, cfg.data.num_workers))
     if fabric.world_size > 1 and cfg.train.sync_bn:
         method = convert_sync_batchnorm(method, fabric.device)
+    if cfg.train.channels_last:
+        method.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(method, cfg)
     model, optimizer = fabric.setup(method, optimizer)
     model.mark_forward_method("loss")
@@ -331,7 +333,7 @@ class _TrainLoop:
         return done
 
     def step(self, batch: dict[str, Any], done: int) -> dict[str, float]:
-        batch = to_device(batch, self.fabric.device)
+        batch = to_device(batch, self.fabric.device, self.cfg.train.channels_last)
         local = self.model.loss(batch, done / self.total)
         terms = mean_over_ranks(self.fabric, local)  # the global batch's terms, the same on every rank
         if finite_terms(terms, done + 1, self.cfg.train.skip_nonfinite):

@@ -57,8 +57,18 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=Non
                       generator=torch.Generator().manual_seed(seed))
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    """The batch's tensors on ``device``; with ``channels_last`` its images and feature maps (4-D floats) in NHWC."""
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if channels_last:
+        moved = {k: _nhwc(v) for k, v in moved.items()}
+    return moved
+
+
+def _nhwc(value: Any) -> Any:
+    if torch.is_tensor(value) and value.dim() == 4 and value.is_floating_point():
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
 
 
 def make_optimizer(method: Method, cfg: RunConfig) -> torch.optim.Optimizer:
