@@ -747,7 +747,7 @@ def main() -> None:
     set_threads(args.threads)
     device = torch.device(args.device)
     cases = [c for case in args.cases for c in (WRN_CASES if case == "wrn" else [case])]
-    env = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
+    env = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(), "cpu": cpu_name(),
            "python": sys.version.split()[0], "cuda": torch.cuda.get_device_name(device) if device.type == "cuda"
            else None, "argv": sys.argv[1:]}
     kind = "profile" if args.profile else ("hires" if args.hires else "methods")
@@ -768,17 +768,30 @@ def main() -> None:
                 top = ", ".join(f"{e['op']} {e['self_share']:.0%}" for e in p[phase]["top"][:6])
                 print(f"{case} {phase} {p[phase]['wall_s']:.3f} s: {top}", flush=True)
     else:
-        rows = []
+        rows = result["results"] = []
         for case in cases:
             set_threads(args.threads)
             rows.append(bench_case(case, args, device))
             print(table(rows[-1:], args.eval_batches).splitlines()[-1], flush=True)
-        result["results"] = rows
+            write_json(out, result)  # after every case: an interrupted run keeps what it measured
         print()
         print_tables(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"\nwritten {out}")
+
+
+def cpu_name() -> str | None:
+    """The CPU model (timings of one CPU say little about another: bf16 is fast only where the CPU has it)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), platform.processor() or None)
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    partial.replace(path)  # atomic: a reader never sees half a file
 
 
 if __name__ == "__main__":
