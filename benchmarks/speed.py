@@ -326,7 +326,7 @@ def autocast(device: torch.device, precision: str):
 
 def _train_on(method: Method, optimizer, batches, device: torch.device, precision: str) -> None:
     for batch in batches:
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast(device, precision):
             loss = method.loss(batch, 0.5)["loss"]
         loss.backward()
