@@ -50,7 +50,7 @@ class FeatureCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for levels in self.store.values() for t in levels)
+        return _nbytes(self.store)
 
     def rows(self, indices: Tensor) -> dict[str, list[Tensor]]:
         """The cached entries of the samples ``indices``, in that order."""
@@ -96,7 +96,7 @@ def with_cached_rows(cache: FeatureCache, batches: Iterable[dict[str, Any]]) -> 
         yield {**batch, **cache.rows(batch["index"])}
 
 
-def _as_bytes(features: dict[str, list[Tensor]]) -> int:
+def _nbytes(features: dict[str, list[Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for levels in features.values() for t in levels)
 
 
@@ -121,7 +121,7 @@ def build_feature_cache(method: Method, train_set: Dataset, cfg: RunConfig, devi
     features = method.frozen_features(first)
     if not features:
         return None
-    need = _as_bytes(features) / len(first["image"]) * len(train_set)
+    need = _nbytes(features) / len(first["image"]) * len(train_set)
     budget = cfg.train.feature_cache_gib * GIB
     if need > budget:
         what = (f"caching the frozen features of {len(train_set)} training images needs {need / GIB:.2f} GiB, over "

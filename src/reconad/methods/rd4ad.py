@@ -91,9 +91,12 @@ class RD4AD(ReverseDistillationRules, Method):
         return self.backbone(self.backbone.normalize(images))
 
     def pairs(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
-        feats = self.encode(images)  # [(B, c1, H/4, W/4), (B, c2, H/8, W/8), (B, c3, H/16, W/16)]
-        recon = self.decoder(self.bottleneck(feats))
-        return list(zip(feats, recon))
+        # [(B, c1, H/4, W/4), (B, c2, H/8, W/8), (B, c3, H/16, W/16)]
+        return self._reconstructed(self.encode(images))
+
+    def _reconstructed(self, feats: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """(teacher tap, student reconstruction) per level."""
+        return list(zip(feats, self.decoder(self.bottleneck(feats))))
 
     cache_replaces_images = True  # the loss needs only the teacher's taps
 
@@ -102,8 +105,7 @@ class RD4AD(ReverseDistillationRules, Method):
 
     def loss(self, batch: dict[str, Any], progress: float) -> dict[str, Tensor]:
         feats = batch["cached_teacher"] if "cached_teacher" in batch else self.encode(batch["image"])
-        recon = self.decoder(self.bottleneck(feats))
-        total = summed_over_levels(LOSSES[self.cfg.loss], list(zip(feats, recon)))
+        total = summed_over_levels(LOSSES[self.cfg.loss], self._reconstructed(feats))
         return {"loss": total}
 
     def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
