@@ -18,7 +18,8 @@ Per case (``method:backbone:size``, random weights: speed does not depend on the
   ULSAD's FRN and AE; the official RD decoder and torchvision encoders are in place, as ours), the encoder's unused
   last stage run and the frozen encoder's gradients computed (RD4AD, RD++, GNL), views made image by image, and at
   evaluation the RD family's test loop: one image per forward, the map made on the CPU in float64 with
-  ``scipy.ndimage.gaussian_filter`` (ULSAD's official anomalib evaluation is batched, its map on the device). ULSAD's
+  ``scipy.ndimage.gaussian_filter``, and GNL's EFDM inverting its sort with a second sort (``argsort``) where ours
+  scatters (ULSAD's official anomalib evaluation is batched, its map on the device). ULSAD's
   reference keeps the preset width ``feature_dim: 384`` whatever the backbone;
 * max |Δ| of ours vs the reference's maps (the same weights), and each fast switch (``--switches``) with its speed
   and max |Δ| against our float32 maps;
@@ -58,6 +59,7 @@ from reconad.backbones import create_backbone
 from reconad.config import OptimConfig, make_config
 from reconad.engine.cache import IndexedSamples, build_feature_cache, cached_batches, with_cached_rows
 from reconad.engine.training import to_device
+from reconad.methods import gnl as gnl_method
 from reconad.methods.base import Method
 from reconad.nets import ulsad as ulsad_nets
 from reconad.registry import create_method, get_method_class
@@ -202,10 +204,18 @@ def _relu_out_of_place(x: Tensor, inplace: bool = False) -> Tensor:
     return torch.relu(x)
 
 
+def official_efdm(x: Tensor, ref_sorted: Tensor, lam: float = 0.5, stable: bool = False) -> Tensor:
+    """ADShift's EFDM_test: sort, interpolate, ``gather(argsort(index))`` (a second sort for the inverse)."""
+    b, c, h, w = x.shape
+    values, index = torch.sort(x.reshape(b, c, h * w), dim=-1, stable=stable)
+    matched = values + (ref_sorted.to(values.dtype).unsqueeze(0) - values) * (1 - lam)
+    return matched.gather(-1, index.argsort(-1)).reshape(b, c, h, w)
+
+
 @contextmanager
 def official_style(method: Method) -> Iterator[None]:
     """Compute ``method`` as the official code does (same weights, same values): see the module docstring."""
-    saved = [(ulsad_nets, "F", ulsad_nets.F)]
+    saved = [(ulsad_nets, "F", ulsad_nets.F), (gnl_method, "efdm", gnl_method.efdm)]
     # official RD decoders (de_resnet) and torchvision encoders are in place already; RD++'s projector and ULSAD's
     # networks are not
     inplace = [m for m in method.modules() if isinstance(m, nn.LeakyReLU) and m.inplace]
@@ -214,6 +224,7 @@ def official_style(method: Method) -> Iterator[None]:
     encoder = method.backbone
     try:
         ulsad_nets.F = SimpleNamespace(**{**vars(F), "relu": _relu_out_of_place})
+        gnl_method.efdm = official_efdm
         for m in inplace:
             m.inplace = False
         if cfg_maps is not None:
@@ -391,7 +402,10 @@ def bench_case(case: str, args, device: torch.device) -> dict:
     fit_statistics(ours, train_images)
     fit_statistics(ref, train_images)
     start = copy.deepcopy(ours) if args.train_switches else None  # the training switches all start here
-    opt = {k: torch.optim.Adam(m.param_groups(OptimConfig()), lr=1e-4) for k, m in (("ours", ours), ("ref", ref))}
+    # ours as the engine builds it (multi-tensor updates, bit-identical); the reference as PyTorch defaults (on the
+    # CPU a loop over the parameters, on CUDA also multi-tensor)
+    opt = {"ours": torch.optim.Adam(ours.param_groups(OptimConfig()), lr=1e-4, foreach=True),
+           "ref": torch.optim.Adam(ref.param_groups(OptimConfig()), lr=1e-4)}
     row: dict[str, Any] = {"method": method_name, "backbone": backbone_name, "size": size, "device": str(device),
                            "precision": args.precision, "train_batch": args.train_batch,
                            "reference_feature_dim": reference_model.get("feature_dim")}
@@ -525,7 +539,7 @@ def _switched_copy(start: Method, nhwc: bool) -> tuple[Method, torch.optim.Optim
     method = copy.deepcopy(start)
     if nhwc:
         method.to(memory_format=torch.channels_last)  # what ``train.channels_last`` does before training
-    return method, torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4)
+    return method, torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4, foreach=True)
 
 
 def _switch_step(start: Method, images: Tensor, device: torch.device, nhwc: bool,
@@ -591,7 +605,7 @@ def profile_case(case: str, args, device: torch.device) -> dict:
     method = build(method_name, backbone_name, device)
     images = torch.rand(args.train_batch, 3, size, size).to(device)
     fit_statistics(method, images)
-    optimizer = torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4)
+    optimizer = torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4, foreach=True)
     step = train_step_fn(method, optimizer, lambda: method.training_batch(images), device, args.precision)
     eval_images = torch.rand(max(args.eval_batches), 3, size, size).to(device)
     out: dict[str, Any] = {"case": case}

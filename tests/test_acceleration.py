@@ -11,7 +11,8 @@ from torch import nn
 
 from reconad.acceleration import apply_inference_speedups, fold_batchnorm
 from reconad.backbones import create_backbone
-from reconad.registry import create_method
+from reconad.nets.sdc import SDCBlock
+from reconad.registry import create_method, get_method_class, list_methods
 
 
 def randomise_bn_statistics(module: nn.Module, seed: int = 0) -> None:
@@ -45,6 +46,55 @@ def test_folded_encoder_gives_the_same_features(name):
         for ref, ours in zip(backbone(x), folded(x)):
             # float32 rounding of a reordered computation, relative to the features' scale
             assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_folded_transposed_conv_gives_the_same_output():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.ConvTranspose2d(6, 5, 4, stride=2, padding=1), nn.BatchNorm2d(5)).eval()
+    randomise_bn_statistics(plain)
+    folded = copy.deepcopy(plain)
+    assert fold_batchnorm(folded) == 1 and isinstance(folded[1], nn.Identity)
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_transposed_conv_is_left_alone():
+    block = nn.Sequential(nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4)).eval()
+    assert fold_batchnorm(block) == 0 and isinstance(block[1], nn.BatchNorm2d)
+
+
+def calibrated(name: str, size: int = 64):
+    """A random-init method with non-trivial BN statistics everywhere and its statistics fitted, in eval mode."""
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", weights=None, trainable=get_method_class(name).trainable_backbone)
+    method = create_method(name, backbone=backbone)
+    randomise_bn_statistics(method)
+    batch = {"image": torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(1)),
+             "path": [f"fit{i}" for i in range(4)]}
+    method.eval()
+    method.prepare([batch])
+    method.calibrate([batch])
+    return method.eval()
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_fold_bn_folds_every_network_of_a_method_and_keeps_its_maps(name):
+    plain = calibrated(name)
+    fast = copy.deepcopy(plain)
+    applied = apply_inference_speedups(fast, eval_cfg(fold_bn=True))
+    # every BN that follows a conv is gone: the encoders', and the bottleneck's and decoder's ones too; only the SDC
+    # block's BN stays, which normalises a concatenation of six branch convs
+    left = [n for n, m in fast.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert applied["fold_bn"] > 0
+    assert all(isinstance(fast.get_submodule(n.rsplit(".", 1)[0]), SDCBlock) for n in left), left
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref, ours = plain(images), fast(images)
+    scale = ref.anomaly_map.abs().max().item()
+    # a BN folded into the wrong conv would move maps by far more than float32 rounding (BN statistics are random)
+    assert (ours.anomaly_map - ref.anomaly_map).abs().max().item() <= 1e-5 * max(scale, 1.0)
+    assert (ours.score - ref.score).abs().max().item() <= 1e-5 * max(ref.score.abs().max().item(), 1.0)
 
 
 def test_fold_refuses_a_module_in_training_mode():

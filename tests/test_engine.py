@@ -145,3 +145,30 @@ def test_parity_options_calibrate_on_good_test_images_and_select_by_chosen_metri
     cfg = make_config("rd4ad", **sections)
     fit(cfg, tmp_path / "clean")
     assert len(seen) == 2 and all("/train/good/" in p for p in seen)  # default: held-out training normals only
+
+
+@pytest.mark.parametrize("method_name", ["rd4ad", "recontrast"])  # Adam (RD4AD) and AdamW with two groups
+def test_the_optimizer_steps_exactly_as_the_plain_per_parameter_loop(method_name, tiny_backbone):
+    """make_optimizer's multi-tensor (foreach) updates equal PyTorch's per-parameter loop bit for bit."""
+    import copy
+
+    from reconad.engine.training import make_optimizer
+    from reconad.registry import create_method, get_method_class
+
+    cfg = make_config(method_name)
+    trainable = get_method_class(method_name).trainable_backbone
+    method = create_method(method_name, backbone=tiny_backbone(trainable=trainable)).train()
+    ours, plain = method, copy.deepcopy(method)
+    optimizers = [make_optimizer(ours, cfg)]
+    assert optimizers[0].defaults["foreach"] is True
+    kwargs = {k: v for k, v in optimizers[0].defaults.items() if k in ("lr", "betas", "eps", "weight_decay",
+                                                                       "amsgrad")}
+    optimizers.append(type(optimizers[0])(plain.param_groups(cfg.optim), **kwargs, foreach=False))
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        for model, optimizer in zip((ours, plain), optimizers):
+            model.loss(model.training_batch(images), step / 3)["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, a), b in zip(ours.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name

@@ -242,6 +242,21 @@ def test_efdm_default_ties_follow_the_official_default_sort():
     assert GNL.Config().match_stable_sort is False
 
 
+def test_efdm_on_a_batch_with_many_ties_equals_the_official_argsort_gather():
+    # the scatter that replaces gather(argsort(index)) places every matched value where the official code does
+    x = torch.relu(torch.randn(3, 32, 24, 24, generator=torch.Generator().manual_seed(4)))
+    ref = torch.randn(32, 576, generator=torch.Generator().manual_seed(5)).sort(-1).values
+    torch.testing.assert_close(efdm(x, ref, 0.3), official_efdm_test(x, ref, 0.3), rtol=0, atol=0)
+
+
+def test_efdm_of_channels_last_features_is_the_same_and_stays_channels_last():
+    x = torch.relu(torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(6)))
+    ref = torch.randn(8, 144, generator=torch.Generator().manual_seed(7)).sort(-1).values
+    nhwc = efdm(x.contiguous(memory_format=torch.channels_last), ref)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc, efdm(x, ref), rtol=0, atol=0)
+
+
 def loader_of(imgs: torch.Tensor, batch_size: int = 3):
     return [{"image": imgs[i:i + batch_size]} for i in range(0, len(imgs), batch_size)]
 

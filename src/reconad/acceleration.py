@@ -19,16 +19,28 @@ from torch import Tensor, nn
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+def fold_conv_bn(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
     """Fold an eval-mode BatchNorm into the conv before it, in place: ``bn(conv(x)) == conv'(x)`` up to rounding.
 
-    ``W' = W·γ/√(σ²+ε)`` per output channel, ``b' = (b − μ)·γ/√(σ²+ε) + β`` (``torch.nn.utils.fusion``).
+    ``W' = W·γ/√(σ²+ε)`` per output channel, ``b' = (b − μ)·γ/√(σ²+ε) + β`` (``torch.nn.utils.fusion``); a
+    transposed conv keeps its output channels on the weight's second axis.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
     weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                        bn.weight if bn.affine else None, bn.bias if bn.affine else None)
+                                        bn.weight if bn.affine else None, bn.bias if bn.affine else None,
+                                        transpose=isinstance(conv, nn.ConvTranspose2d))
     conv.weight, conv.bias = weight, bias
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """A conv and the BN registered right after it that can be folded (channels agree, running statistics)."""
+    if not (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None):
+        return False
+    if isinstance(conv, nn.ConvTranspose2d):
+        # one scale per output channel only when the output channels are not split into groups on the weight
+        return type(conv) is nn.ConvTranspose2d and conv.groups == 1 and bn.num_features == conv.out_channels
+    return isinstance(conv, nn.Conv2d) and bn.num_features == conv.out_channels
 
 
 def _without_norm(bn: nn.BatchNorm2d) -> nn.Module:
@@ -39,31 +51,36 @@ def _without_norm(bn: nn.BatchNorm2d) -> nn.Module:
 
 
 def fold_batchnorm(module: nn.Module) -> int:
-    """Fold every eval-mode ``BatchNorm2d`` registered right after a ``Conv2d`` in the same parent, in place.
+    """Fold every eval-mode ``BatchNorm2d`` that normalises a ``Conv2d`` / ``ConvTranspose2d`` output, in place: a
+    BN registered right after a conv in the same parent, or a pair the parent declares.
 
-    Registration order is the call order in torchvision ResNets (``convK``/``bnK``, ``downsample``) and timm
-    EfficientNets (``conv_dw``/``bn1``, ``conv_pw``/``bn2``, ``BatchNormAct2d`` keeping its activation). Only
-    valid for a module that stays in eval mode (running statistics are baked in). Returns the number folded.
+    Registration order is the call order in torchvision ResNets (``convK``/``bnK``, ``downsample``), timm
+    EfficientNets (``conv_dw``/``bn1``, ``conv_pw``/``bn2``, ``BatchNormAct2d`` keeping its activation) and
+    reconad's own networks (OCBE, RD decoders, ULSAD's FRN, the SDC autoencoder); a module whose convs and BNs
+    are registered in another order names its pairs in a ``conv_bn_pairs`` attribute (ULSAD's global autoencoder).
+    That every method's folded maps equal its plain maps is tested (tests/test_acceleration.py). Only valid for a
+    module that stays in eval mode (running statistics are baked in). Returns the number folded.
     """
     if module.training:
         raise ValueError("fold_batchnorm needs a module in eval mode (it bakes in the running statistics)")
     folded = 0
     for parent in list(module.modules()):
-        children = list(parent.named_children())
-        for (_, prev), (name, child) in zip(children, children[1:]):
-            if (type(prev) is not nn.ConvTranspose2d and isinstance(prev, nn.Conv2d)
-                    and isinstance(child, nn.BatchNorm2d) and child.track_running_stats
-                    and child.num_features == prev.out_channels):
+        for conv_name, bn_name in _conv_bn_pairs(parent):
+            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+            if _foldable(conv, bn):
                 with torch.no_grad():
-                    fold_conv_bn(prev, child)
-                setattr(parent, name, _without_norm(child))
+                    fold_conv_bn(conv, bn)
+                setattr(parent, bn_name, _without_norm(bn))
                 folded += 1
     return folded
 
 
-def frozen_encoders(method: nn.Module) -> list[nn.Module]:
-    """The method's encoders that inference runs without training: ``backbone`` and ReContrast's twin."""
-    return [m for name in ("backbone", "frozen_backbone") if isinstance(m := getattr(method, name, None), nn.Module)]
+def _conv_bn_pairs(parent: nn.Module) -> list[tuple[str, str]]:
+    """(conv, BN) child names of ``parent`` where the BN normalises that conv's output: consecutive children, plus
+    what the module declares in ``conv_bn_pairs`` where its call order is not its registration order."""
+    children = list(parent.named_children())
+    pairs = [(a, b) for (a, _), (b, _) in zip(children, children[1:])]
+    return pairs + list(getattr(parent, "conv_bn_pairs", ()))
 
 
 def _wrap_forward(method: nn.Module, context: Callable[[], AbstractContextManager]) -> None:
@@ -87,7 +104,8 @@ def _channels_last_inputs(_module: nn.Module, args: tuple) -> tuple:
 def apply_inference_speedups(method: nn.Module, cfg: Any) -> dict[str, Any]:
     """Apply the fast switches of an ``EvalConfig``-like ``cfg`` to ``method`` (in place, inference only).
 
-    ``cfg.fold_bn``: fold the frozen encoders' BatchNorms into their convs. ``cfg.channels_last``: NHWC weights and
+    ``cfg.fold_bn``: fold every BatchNorm that follows a conv into it (encoders, bottleneck, decoder: at inference
+    all of them are fixed affine maps). ``cfg.channels_last``: NHWC weights and
     inputs. ``cfg.precision`` ``"bf16-mixed"`` / ``"16-mixed"``: autocast around ``forward`` (maps returned in
     float32). ``cfg.compile``: ``torch.compile`` of ``forward``. The method is put in eval mode; train it no further.
     Returns what was applied (for the run log / metrics).
@@ -95,7 +113,7 @@ def apply_inference_speedups(method: nn.Module, cfg: Any) -> dict[str, Any]:
     applied: dict[str, Any] = {}
     method.eval()
     if getattr(cfg, "fold_bn", False):
-        applied["fold_bn"] = sum(fold_batchnorm(encoder) for encoder in frozen_encoders(method))
+        applied["fold_bn"] = fold_batchnorm(method)
     if getattr(cfg, "channels_last", False):
         method.to(memory_format=torch.channels_last)
         method.register_forward_pre_hook(_channels_last_inputs)

@@ -184,7 +184,7 @@ class EvalConfig:
     # fast inference switches (reconad.acceleration.apply_inference_speedups); each changes maps slightly, see
     # docs/performance.md for their measured speed and max |Δ| against the float32 path
     fold_bn: bool = False
-    """Fold the frozen encoders' BatchNorms into their convs for inference."""
+    """Fold every BatchNorm that follows a conv (encoders, bottleneck, decoder) into it for inference."""
     channels_last: bool = False
     """NHWC memory format for inference (weights and inputs)."""
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"

@@ -74,8 +74,10 @@ def _nhwc(value: Any) -> Any:
 def make_optimizer(method: Method, cfg: RunConfig) -> torch.optim.Optimizer:
     o = cfg.optim
     groups = method.param_groups(o)
+    # foreach: one multi-tensor kernel per update term instead of a Python loop over the parameters. PyTorch picks
+    # it by itself only on CUDA; on the CPU it gives bit-identical updates ~30 % faster (tests/test_engine.py)
     kwargs = {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay, "eps": o.eps,
-              "amsgrad": o.amsgrad}
+              "amsgrad": o.amsgrad, "foreach": True}
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.name]
     return cls(groups, **kwargs)
 

@@ -88,11 +88,19 @@ def efdm(x: Tensor, ref_sorted: Tensor, lam: float = 0.5, stable: bool = False) 
     if ref_sorted.shape != (c, h * w):
         raise ValueError(f"reference features {tuple(ref_sorted.shape)} do not fit features {(c, h * w)} "
                          "(the reference must have the test images' size; re-fit it with prepare/set_reference)")
-    # parity: official_code.md §5.4 — EFDM_test sorts with torch's default (unstable) sort
-    values, index = torch.sort(x.reshape(b, c, h * w), dim=-1, stable=stable)
+    # parity: official_code.md §5.4 — EFDM_test sorts with torch's default (unstable) sort. The sort runs on an
+    # NCHW-contiguous copy: on a channels_last view it is ~2× slower, and its order among ties may differ.
+    values, index = torch.sort(x.reshape(b, c, h * w).contiguous(), dim=-1, stable=stable)
     # parity: official_code.md §5.4 — EFDM_test: lamda = 1 - lamda; s_x + (s_r - s_x)·lamda; gather(argsort(idx))
     matched = values + (ref_sorted.to(values.dtype).unsqueeze(0) - values) * (1 - lam)
-    return matched.gather(-1, index.argsort(-1)).reshape(b, c, h, w)
+    # gather(matched, argsort(index)) puts matched[j] at position index[j]; a scatter does that directly: the same
+    # values (argsort of a permutation has no ties), without a second sort (~10-20× faster than the argsort)
+    out = torch.empty_like(matched).scatter_(-1, index, matched).reshape(b, c, h, w)
+    return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else out
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 @register_method

@@ -100,6 +100,9 @@ class ConvAutoEncoder(nn.Module):
         self.enconv6 = nn.Conv2d(64, 64, 8, stride=1, padding=0)
         for i, c in enumerate((32, 32, 64, 64, 64, 64), start=1):
             self.add_module(f"bn2d{i}", _bn(c))
+        # the encoder's BNs are registered after all its convs (official key order): name the pairs for inference
+        # BN folding (reconad.acceleration.fold_batchnorm)
+        self.conv_bn_pairs = tuple((f"enconv{i}", f"bn2d{i}") for i in range(1, 7))
         for i in range(1, 6):
             self.add_module(f"deconv{i}", nn.Conv2d(64, 64, 4, stride=1, padding=2))
             self.add_module(f"bn2d{i + 6}", _bn(64))
