@@ -206,10 +206,8 @@ def _relu_out_of_place(x: Tensor, inplace: bool = False) -> Tensor:
 
 def official_efdm(x: Tensor, ref_sorted: Tensor, lam: float = 0.5, stable: bool = False) -> Tensor:
     """ADShift's EFDM_test: sort, interpolate, ``gather(argsort(index))`` (a second sort for the inverse)."""
-    b, c, h, w = x.shape
-    values, index = torch.sort(x.reshape(b, c, h * w), dim=-1, stable=stable)
-    matched = values + (ref_sorted.to(values.dtype).unsqueeze(0) - values) * (1 - lam)
-    return matched.gather(-1, index.argsort(-1)).reshape(b, c, h, w)
+    matched, index = gnl_method.matched_sorted_values(x, ref_sorted, lam, stable)
+    return matched.gather(-1, index.argsort(-1)).reshape(x.shape)
 
 
 @contextmanager

@@ -81,8 +81,23 @@ def efdm(x: Tensor, ref_sorted: Tensor, lam: float = 0.5, stable: bool = False) 
     """Exact feature distribution matching of ``x`` (B, C, H, W) to per-channel sorted values (C, H·W).
 
     Each channel's sorted values ``s_x`` become ``s_x + (s_ref - s_x)·(1 - λ)`` and are put back in ``x``'s rank
-    order (argsort of the argsort). ``stable=False`` is the official default sort: tied values (e.g. ReLU zeros)
-    get the device's order; ``stable=True`` ranks ties by position, so the result does not depend on the batch.
+    order (scattered to the sort's index: the positions the official ``gather(argsort(index))`` gives).
+    ``stable=False`` is the official default sort: tied values (e.g. ReLU zeros) get the device's order;
+    ``stable=True`` ranks ties by position, so the result does not depend on the batch.
+    """
+    matched, index = matched_sorted_values(x, ref_sorted, lam, stable)
+    # parity: official_code.md §5.4 — EFDM_test puts them back with gather(matched, argsort(index)), i.e. matched[j]
+    # at position index[j]; a scatter does that directly: the same values (the argsort of a permutation has no
+    # ties), without a second sort (~10-20× faster than the argsort)
+    out = torch.empty_like(matched).scatter_(-1, index, matched).reshape(x.shape)
+    return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else out
+
+
+def matched_sorted_values(x: Tensor, ref_sorted: Tensor, lam: float = 0.5, stable: bool = False,
+                          ) -> tuple[Tensor, Tensor]:
+    """EFDM's first half: each channel's sorted values moved towards the reference, and the sort's index.
+
+    Returns ``(matched, index)``, both (B, C, H·W): ``matched[..., j]`` belongs at position ``index[..., j]``.
     """
     b, c, h, w = x.shape
     if ref_sorted.shape != (c, h * w):
@@ -91,12 +106,8 @@ def efdm(x: Tensor, ref_sorted: Tensor, lam: float = 0.5, stable: bool = False) 
     # parity: official_code.md §5.4 — EFDM_test sorts with torch's default (unstable) sort. The sort runs on an
     # NCHW-contiguous copy: on a channels_last view it is ~2× slower, and its order among ties may differ.
     values, index = torch.sort(x.reshape(b, c, h * w).contiguous(), dim=-1, stable=stable)
-    # parity: official_code.md §5.4 — EFDM_test: lamda = 1 - lamda; s_x + (s_r - s_x)·lamda; gather(argsort(idx))
-    matched = values + (ref_sorted.to(values.dtype).unsqueeze(0) - values) * (1 - lam)
-    # gather(matched, argsort(index)) puts matched[j] at position index[j]; a scatter does that directly: the same
-    # values (argsort of a permutation has no ties), without a second sort (~10-20× faster than the argsort)
-    out = torch.empty_like(matched).scatter_(-1, index, matched).reshape(b, c, h, w)
-    return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else out
+    # parity: official_code.md §5.4 — EFDM_test: lamda = 1 - lamda; s_x + (s_r - s_x)·lamda
+    return values + (ref_sorted.to(values.dtype).unsqueeze(0) - values) * (1 - lam), index
 
 
 def _is_channels_last(x: Tensor) -> bool:
