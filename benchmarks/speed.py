@@ -45,6 +45,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -502,27 +503,44 @@ def bench_switches(ours: Method, method_name: str, backbone_name: str, size: int
     return rows
 
 
-TRAIN_SWITCHES = ("channels_last", "bf16-mixed", "16-mixed", "channels_last+bf16-mixed")
+TRAIN_SWITCHES = ("channels_last", "bf16-mixed", "16-mixed", "channels_last+bf16-mixed", "no-ssot")
+"""``no-ssot``: RD++'s ``model.ssot: false`` (drops the Sinkhorn term, ~0 by construction; other methods skip it)."""
+
+
+@dataclass(frozen=True)
+class TrainSwitch:
+    nhwc: bool = False
+    precision: str = "32-true"
+    ssot_off: bool = False
+
+    @classmethod
+    def parse(cls, switch: str) -> TrainSwitch:
+        parts = switch.split("+")
+        return cls(nhwc="channels_last" in parts, ssot_off="no-ssot" in parts,
+                   precision=next((p for p in parts if p in ("bf16-mixed", "16-mixed")), "32-true"))
+
+
+FP32 = TrainSwitch()
 
 
 def bench_train_switches(start: Method, images: Tensor, args, device: torch.device) -> list[dict]:
-    """Each training switch (``train.channels_last``, ``train.precision``) against our float32 step, both from copies
-    of ``start``: the step's seconds (alternated, medians) and how far the switch moves the training — the first
-    loss, the loss after ``args.drift_steps`` steps on one fixed batch, and the maps those weights then give."""
+    """Each training switch (``train.channels_last``, ``train.precision``, RD++'s ``model.ssot``) against our float32
+    step, both from copies of ``start``: the step's seconds (alternated, medians) and how far the switch moves the
+    training — the first loss, the loss after ``args.drift_steps`` steps on one fixed batch, and the maps those
+    weights then give."""
     probe = torch.rand(max(args.eval_batches), *images.shape[1:], generator=torch.Generator().manual_seed(2))
     probe = probe.to(device)
     rows = []
     for switch in args.train_switches:
-        parts = switch.split("+")
-        nhwc = "channels_last" in parts
-        precision = next((p for p in parts if p in ("bf16-mixed", "16-mixed")), "32-true")
-        timed = {"fp32": _switch_step(start, images, device, False, "32-true"),
-                 switch: _switch_step(start, images, device, nhwc, precision)}
+        fast = TrainSwitch.parse(switch)
+        if fast.ssot_off and not hasattr(start.cfg, "ssot"):
+            continue  # a switch of RD++ only
+        timed = {"fp32": _switch_step(start, images, device, FP32), switch: _switch_step(start, images, device, fast)}
         t = alternate(timed, device, args.warmup, args.repeats)
         del timed
         fixed = start.training_batch(images)  # one batch of views for both: only the switch differs
-        drift = {k: _drift(start, fixed, probe, device, *cfg, args.drift_steps)
-                 for k, cfg in (("fp32", (False, "32-true")), (switch, (nhwc, precision)))}
+        drift = {k: _drift(start, fixed, probe, device, cfg, args.drift_steps)
+                 for k, cfg in (("fp32", FP32), (switch, fast))}
         (losses, maps), (fast_losses, fast_maps) = drift["fp32"], drift[switch]
         rows.append({"switch": switch, "train_step_s": t[switch], "fp32_train_step_s": t["fp32"],
                      "speedup": t["fp32"] / t[switch], "drift_steps": args.drift_steps,
@@ -533,24 +551,25 @@ def bench_train_switches(start: Method, images: Tensor, args, device: torch.devi
     return rows
 
 
-def _switched_copy(start: Method, nhwc: bool) -> tuple[Method, torch.optim.Optimizer]:
+def _switched_copy(start: Method, switch: TrainSwitch) -> tuple[Method, torch.optim.Optimizer]:
     method = copy.deepcopy(start)
-    if nhwc:
+    if switch.nhwc:
         method.to(memory_format=torch.channels_last)  # what ``train.channels_last`` does before training
+    if switch.ssot_off:
+        method.cfg = replace(method.cfg, ssot=False)
     return method, torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4, foreach=True)
 
 
-def _switch_step(start: Method, images: Tensor, device: torch.device, nhwc: bool,
-                 precision: str) -> Callable[[], float]:
-    method, optimizer = _switched_copy(start, nhwc)
-    return train_step_fn(method, optimizer, lambda: to_device(method.training_batch(images), device, nhwc), device,
-                         precision)
+def _switch_step(start: Method, images: Tensor, device: torch.device, switch: TrainSwitch) -> Callable[[], float]:
+    method, optimizer = _switched_copy(start, switch)
+    return train_step_fn(method, optimizer, lambda: to_device(method.training_batch(images), device, switch.nhwc),
+                         device, switch.precision)
 
 
-def _drift(start: Method, batch: dict, probe: Tensor, device: torch.device, nhwc: bool, precision: str,
+def _drift(start: Method, batch: dict, probe: Tensor, device: torch.device, switch: TrainSwitch,
            steps: int) -> tuple[list[float], np.ndarray]:
-    method, optimizer = _switched_copy(start, nhwc)
-    step = train_step_fn(method, optimizer, lambda: to_device(batch, device, nhwc), device, precision)
+    method, optimizer = _switched_copy(start, switch)
+    step = train_step_fn(method, optimizer, lambda: to_device(batch, device, switch.nhwc), device, switch.precision)
     losses = [step() for _ in range(steps)]
     method.eval()
     return losses, ours_eval(method, probe)

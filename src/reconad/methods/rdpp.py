@@ -150,8 +150,9 @@ class RDPP(ReverseDistillationRules, Method):
                  "recon": reconstruction_loss(proj_noisy, proj),
                  "contrast": contrast_loss(feats_noisy, proj, self.cfg.contrast_margin)}
         proj_loss = RECON_WEIGHT * terms["recon"] + CONTRAST_WEIGHT * terms["contrast"]
+        perm = torch.randperm(n)  # drawn either way, so that ``ssot: false`` leaves the RNG stream as it is
         if self.cfg.ssot:
-            terms["ssot"] = ssot_loss(proj, torch.randperm(n).to(images.device))
+            terms["ssot"] = ssot_loss(proj, perm.to(images.device))
             proj_loss = terms["ssot"] + proj_loss
         total = terms["distill"] + self.cfg.proj_weight * proj_loss / PROJ_NORM
         out = {k: v.detach() for k, v in terms.items()}
