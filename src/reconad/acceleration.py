@@ -34,7 +34,7 @@ def fold_conv_bn(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> No
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    """A conv and the BN registered right after it that can be folded (channels agree, running statistics)."""
+    """Whether ``bn`` (normalising ``conv``'s output) folds into ``conv``: channels agree, running statistics."""
     if not (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None):
         return False
     if isinstance(conv, nn.ConvTranspose2d):
