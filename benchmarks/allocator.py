@@ -28,48 +28,38 @@ def child(method_name: str, tuned: bool, repeats: int, size: int) -> dict:
     from reconad.allocator import tune_cpu_allocator
 
     applied = tune_cpu_allocator() if tuned else None
-    import time
-
     import torch
-    from speed import peak_memory, set_threads  # benchmarks/ is this script's sys.path[0]
+    from speed import (  # benchmarks/ is this script's sys.path[0]
+        build,
+        fit_statistics,
+        ours_eval,
+        ours_optimizer,
+        peak_memory,
+        seconds,
+        set_threads,
+        train_step_fn,
+    )
 
-    from reconad.backbones import create_backbone
-    from reconad.config import OptimConfig
-    from reconad.engine.training import to_device
-    from reconad.registry import create_method, get_method_class
-
+    cpu = torch.device("cpu")
     set_threads(1)
-    torch.manual_seed(0)
-    trainable = get_method_class(method_name).trainable_backbone
-    method = create_method(method_name, backbone=create_backbone("efficientnet_lite0", weights=None,
-                                                                  trainable=trainable))
+    method = build(method_name, "efficientnet_lite0", cpu)
     g = torch.Generator().manual_seed(1)
     train_images, eval_images = torch.rand(4, 3, size, size, generator=g), torch.rand(8, 3, size, size, generator=g)
-    method.prepare([{"image": train_images, "path": ["a"] * 4}])
-    method.calibrate([{"image": train_images, "path": ["a"] * 4}])
-    optimizer = torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4, foreach=True)
+    fit_statistics(method, train_images)
+    step = train_step_fn(method, ours_optimizer(method), lambda: method.training_batch(train_images), cpu, "32-true")
 
-    def evaluate() -> torch.Tensor:
+    def evaluate():
         method.eval()
-        with torch.inference_mode():
-            return method(eval_images).anomaly_map
-
-    def step() -> None:
-        method.train()
-        method.loss(to_device(method.training_batch(train_images), torch.device("cpu")), 0.5)["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return ours_eval(method, eval_images)
 
     maps = evaluate()  # before any step: the maps of the same weights in every process
     times: dict[str, list[float]] = {"eval": [], "train": []}
     for _ in range(repeats + 1):  # the first of each is a warm-up
         for name, fn in (("eval", evaluate), ("train", step)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {"tuned": applied is not None and bool(applied), "eval_b8_s": statistics.median(times["eval"][1:]),
-            "train_b4_s": statistics.median(times["train"][1:]), "peak_rss_gib": peak_memory(torch.device("cpu"))[
-                "peak_rss_gib"], "maps_sha256": hashlib.sha256(maps.numpy().tobytes()).hexdigest()}
+            times[name].append(seconds(fn, cpu))
+    return {"tuned": bool(applied), "eval_b8_s": statistics.median(times["eval"][1:]),
+            "train_b4_s": statistics.median(times["train"][1:]), "peak_rss_gib": peak_memory(cpu)["peak_rss_gib"],
+            "maps_sha256": hashlib.sha256(maps.tobytes()).hexdigest()}
 
 
 def run_child(method_name: str, tuned: bool, args) -> dict:

@@ -311,6 +311,11 @@ def fit_statistics(method: Method, images: Tensor) -> None:
     method.calibrate([batch])
 
 
+def ours_optimizer(method: Method) -> torch.optim.Optimizer:
+    """Adam with multi-tensor updates, as ``engine.training.make_optimizer`` builds it (lr fixed for the drift)."""
+    return torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4, foreach=True)
+
+
 def train_step_fn(method: Method, optimizer, batch_fn: Callable[[], dict], device: torch.device,
                   precision: str) -> Callable[[], float]:
     def step() -> float:
@@ -403,8 +408,7 @@ def bench_case(case: str, args, device: torch.device) -> dict:
     start = copy.deepcopy(ours) if args.train_switches else None  # the training switches all start here
     # ours as the engine builds it (multi-tensor updates, bit-identical); the reference as PyTorch defaults (on the
     # CPU a loop over the parameters, on CUDA also multi-tensor)
-    opt = {"ours": torch.optim.Adam(ours.param_groups(OptimConfig()), lr=1e-4, foreach=True),
-           "ref": torch.optim.Adam(ref.param_groups(OptimConfig()), lr=1e-4)}
+    opt = {"ours": ours_optimizer(ours), "ref": torch.optim.Adam(ref.param_groups(OptimConfig()), lr=1e-4)}
     row: dict[str, Any] = {"method": method_name, "backbone": backbone_name, "size": size, "device": str(device),
                            "precision": args.precision, "train_batch": args.train_batch,
                            "reference_feature_dim": reference_model.get("feature_dim")}
@@ -557,7 +561,7 @@ def _switched_copy(start: Method, switch: TrainSwitch) -> tuple[Method, torch.op
         method.to(memory_format=torch.channels_last)  # what ``train.channels_last`` does before training
     if switch.ssot_off:
         method.cfg = replace(method.cfg, ssot=False)
-    return method, torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4, foreach=True)
+    return method, ours_optimizer(method)
 
 
 def _switch_step(start: Method, images: Tensor, device: torch.device, switch: TrainSwitch) -> Callable[[], float]:
@@ -622,8 +626,7 @@ def profile_case(case: str, args, device: torch.device) -> dict:
     method = build(method_name, backbone_name, device)
     images = torch.rand(args.train_batch, 3, size, size).to(device)
     fit_statistics(method, images)
-    optimizer = torch.optim.Adam(method.param_groups(OptimConfig()), lr=1e-4, foreach=True)
-    step = train_step_fn(method, optimizer, lambda: method.training_batch(images), device, args.precision)
+    step = train_step_fn(method, ours_optimizer(method), lambda: method.training_batch(images), device, args.precision)
     eval_images = torch.rand(max(args.eval_batches), 3, size, size).to(device)
     out: dict[str, Any] = {"case": case}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
