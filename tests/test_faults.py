@@ -4,6 +4,7 @@ folders. Each test checks that nothing is lost, nothing foreign is executed and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -264,6 +265,48 @@ def test_a_nan_loss_stops_at_once_with_the_batch_and_terms(tiny_mvtec, tmp_path,
     cfg = _cfg(tiny_mvtec, iterations=6, skip_nonfinite=True)
     result = fit(cfg, tmp_path / "skipping")
     assert result.metrics and result.history[-2]["skipped_batches"] == 1
+
+
+def test_host_terms_are_exactly_what_float_gives_for_every_dtype():
+    from reconad.engine.services import host_terms
+
+    terms = {"loss": torch.tensor(1 / 3), "wide": torch.tensor(1 / 3, dtype=torch.float64),
+             "half": torch.tensor(0.1, dtype=torch.bfloat16), "one_element": torch.tensor([2.5]),
+             "count": torch.tensor(7)}
+    values = host_terms(terms)
+    assert values == {k: float(v) for k, v in terms.items()}
+    assert values["wide"] == 1 / 3 and values["loss"] != 1 / 3  # float64 kept, float32 as float32 rounds it
+    assert list(values) == list(terms) and host_terms({}) == {}
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_training_batch_reads_its_terms_off_the_device_once(tiny_mvtec, tmp_path, monkeypatch, skip):
+    import reconad.engine.loop as loop
+
+    reads = {"stacked": 0, "single": 0, "batches": 0}
+    in_step = [False]
+    tolist, to_float, step = torch.Tensor.tolist, torch.Tensor.__float__, loop._TrainLoop.step
+
+    def counted(kind, fn):
+        def read(t, *a):
+            reads[kind] += in_step[0]
+            return fn(t, *a)
+        return read
+
+    def counted_step(self, batch, done):
+        reads["batches"] += 1
+        in_step[0] = True
+        try:
+            return step(self, batch, done)
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted("stacked", tolist))
+    monkeypatch.setattr(torch.Tensor, "__float__", counted("single", to_float))
+    monkeypatch.setattr(loop._TrainLoop, "step", counted_step)
+    result = fit(_cfg(tiny_mvtec, iterations=3, skip_nonfinite=skip), tmp_path / "run")
+    assert reads == {"stacked": 3, "single": 0, "batches": 3}
+    assert all(math.isfinite(v) for v in _train_losses(result.history))
 
 
 def test_steps_count_optimizer_steps_and_the_log_says_both(tiny_mvtec, tmp_path):

@@ -38,7 +38,7 @@ from ..validation import validate_run_config
 from .cache import IndexedSamples, build_feature_cache, cached_batches, with_cached_rows
 from .distributed import convert_sync_batchnorm, launch_rank, mean_over_ranks, per_rank_batch
 from .evaluation import EvaluationError, predict_dataset, score_outputs, write_overlays, write_test_results
-from .services import CheckpointTimer, SnapshotSelection, finite_terms
+from .services import CheckpointTimer, SnapshotSelection, finite_terms, host_terms
 from .training import EpochSampler, make_loader, make_optimizer, make_scheduler, set_seed, to_device, total_batches
 
 log = logging.getLogger(__name__)
@@ -336,18 +336,33 @@ class _TrainLoop:
         batch = to_device(batch, self.fabric.device, self.cfg.train.channels_last)
         local = self.model.loss(batch, done / self.total)
         terms = mean_over_ranks(self.fabric, local)  # the global batch's terms, the same on every rank
-        if finite_terms(terms, done + 1, self.cfg.train.skip_nonfinite):
-            loss = local["loss"] / self.accumulate if self.cfg.train.accumulate_mean else local["loss"]
-            self.fabric.backward(loss)
-        else:
-            self.skipped += 1
-            terms = {}
+        values = self.backward(local["loss"], terms, done)
         if (done + 1) % self.accumulate == 0:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.scheduler is not None:
                 self.scheduler.step()
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return values
+
+    def backward(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], done: int) -> dict[str, float]:
+        """Backward on ``loss``; returns the terms on the host ({} for a skipped non-finite batch).
+
+        The terms come off the device in one transfer per batch. Without ``skip_nonfinite`` that happens after
+        backward is queued, so the device does not idle between forward and backward; a non-finite loss still
+        raises before the optimizer steps. A batch to skip must be recognised before backward, so that the gradients
+        accumulated so far stay as they are.
+        """
+        skip = self.cfg.train.skip_nonfinite
+        if skip:
+            values = host_terms(terms)
+            if not finite_terms(values, done + 1, skip=True):
+                self.skipped += 1
+                return {}
+        self.fabric.backward(loss / self.accumulate if self.cfg.train.accumulate_mean else loss)
+        if not skip:
+            values = host_terms(terms)
+            finite_terms(values, done + 1, skip=False)
+        return values
 
     def record(self, terms: dict[str, float], done: int, epoch: int) -> None:
         for key, value in terms.items():

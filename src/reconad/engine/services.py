@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -35,17 +36,30 @@ class NonFiniteLossError(ReconadError):
     """The loss became NaN or infinite; the message gives the batch and every loss term."""
 
 
-def finite_terms(terms: dict[str, torch.Tensor], batch: int, skip: bool) -> bool:
+def host_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The loss terms as Python floats, copied off the device in one transfer.
+
+    ``float()`` per term would wait for the device once per term (a dozen times per batch for ReContrast); one
+    stacked copy waits once. The stack uses the widest dtype among the terms (at least float32), so every value is
+    exactly what ``float(term)`` gives.
+    """
+    if not terms:
+        return {}
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in terms.values()), torch.float32)
+    stacked = torch.stack([v.detach().reshape(()).to(dtype) for v in terms.values()])
+    return dict(zip(terms, stacked.tolist(), strict=True))
+
+
+def finite_terms(values: dict[str, float], batch: int, skip: bool) -> bool:
     """True when the loss is finite; otherwise raise, or (``skip``) log and return False."""
-    loss = float(terms["loss"].detach())
-    if math.isfinite(loss):
+    if math.isfinite(values["loss"]):
         return True
-    values = ", ".join(f"{k} {float(v.detach()):.6g}" for k, v in terms.items())
+    described = ", ".join(f"{k} {v:.6g}" for k, v in values.items())
     if skip:
-        log.warning("batch %d skipped: non-finite loss (%s)", batch, values)
+        log.warning("batch %d skipped: non-finite loss (%s)", batch, described)
         return False
-    raise NonFiniteLossError(f"the loss is not finite at batch {batch} ({values}); training stopped there (the last "
-                             "checkpoint is kept). Lower --optim.lr, use --train.precision 32-true, or pass "
+    raise NonFiniteLossError(f"the loss is not finite at batch {batch} ({described}); training stopped there (the "
+                             "last checkpoint is kept). Lower --optim.lr, use --train.precision 32-true, or pass "
                              "--train.skip_nonfinite true to skip such batches")
 
 
