@@ -279,6 +279,16 @@ def test_host_terms_are_exactly_what_float_gives_for_every_dtype():
     assert list(values) == list(terms) and host_terms({}) == {}
 
 
+def test_stacked_terms_join_the_loss_device_and_keep_the_widest_dtype():
+    from reconad.engine.services import stack_terms
+
+    # "meta" stands in for an accelerator: a host-made term (ReContrast's alpha) must follow the loss there
+    terms = {"loss": torch.zeros((), device="meta"), "alpha": torch.tensor(1.0, dtype=torch.float64)}
+    stacked = stack_terms(terms)
+    assert stacked.device.type == "meta" and stacked.dtype == torch.float64 and stacked.shape == (2,)
+    assert stack_terms({"a": torch.tensor(1, dtype=torch.int64)}).dtype == torch.float32
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_a_training_batch_reads_its_terms_off_the_device_once(tiny_mvtec, tmp_path, monkeypatch, skip):
     import reconad.engine.loop as loop

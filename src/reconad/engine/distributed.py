@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from .services import stack_terms
 from .training import EpochSampler
 
 __all__ = ["GlooSyncBatchNorm", "RankSampler", "convert_sync_batchnorm", "launch_rank", "make_fabric",
@@ -154,6 +155,6 @@ def mean_over_ranks(fabric, terms: dict[str, torch.Tensor]) -> dict[str, torch.T
     same values, so a non-finite loss on any rank is seen — and skipped or raised — by all of them together."""
     if fabric.world_size == 1 or not terms:
         return terms
-    stacked = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+    stacked = stack_terms(terms)  # one all-reduce for all terms, host-made ones (ReContrast's alpha) included
     reduced = fabric.all_reduce(stacked, reduce_op="mean")
     return dict(zip(terms, reduced.unbind(0), strict=True))

@@ -36,18 +36,24 @@ class NonFiniteLossError(ReconadError):
     """The loss became NaN or infinite; the message gives the batch and every loss term."""
 
 
+def stack_terms(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (scalar) terms as one 1-D tensor, on the device where the loss was computed.
+
+    Terms made on the host (ReContrast's ``alpha``) join the device's; the dtype is the widest among the terms, at
+    least float32, so no value is rounded.
+    """
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in terms.values()), torch.float32)
+    device = next((v.device for v in terms.values() if v.device.type != "cpu"), torch.device("cpu"))
+    return torch.stack([v.detach().reshape(()).to(device=device, dtype=dtype) for v in terms.values()])
+
+
 def host_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     """The loss terms as Python floats, copied off the device in one transfer.
 
     ``float()`` per term would wait for the device once per term (a dozen times per batch for ReContrast); one
-    stacked copy waits once. The stack uses the widest dtype among the terms (at least float32), so every value is
-    exactly what ``float(term)`` gives.
+    stacked copy waits once. Every value is exactly what ``float(term)`` gives.
     """
-    if not terms:
-        return {}
-    dtype = functools.reduce(torch.promote_types, (v.dtype for v in terms.values()), torch.float32)
-    stacked = torch.stack([v.detach().reshape(()).to(dtype) for v in terms.values()])
-    return dict(zip(terms, stacked.tolist(), strict=True))
+    return dict(zip(terms, stack_terms(terms).tolist(), strict=True)) if terms else {}
 
 
 def finite_terms(values: dict[str, float], batch: int, skip: bool) -> bool:
