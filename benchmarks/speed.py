@@ -22,7 +22,8 @@ Per case (``method:backbone:size``, random weights: speed does not depend on the
   scatters (ULSAD's official anomalib evaluation is batched, its map on the device). ULSAD's
   reference keeps the preset width ``feature_dim: 384`` whatever the backbone;
 * max |Δ| of ours vs the reference's maps (the same weights), and each fast switch (``--switches``) with its speed
-  and max |Δ| against our float32 maps;
+  and max |Δ| against our float32 maps; ``onnxruntime`` and ``openvino`` run the exported ONNX graph through
+  ``reconad.deploy.Detector``'s engines;
 * each training switch (``--train-switches``: ``train.channels_last``, ``train.precision``) with its step time and
   how far it moves training from the float32 path (losses and maps after ``--drift-steps`` steps on one batch);
 * MACs per image (hook counter over Conv2d / ConvTranspose2d / Linear) and the achieved fraction of the device's
@@ -181,6 +182,13 @@ class PngImages(torch.utils.data.Dataset):
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
             self.files.append(buf.getvalue())
         self.method = method
+
+    @classmethod
+    def from_files(cls, paths, method: Method) -> PngImages:
+        """The PNG files at ``paths``, read into memory (decoded per item, as above)."""
+        data = cls(0, 0, method)
+        data.files = [Path(p).read_bytes() for p in paths]
+        return data
 
     def __len__(self) -> int:
         return len(self.files)
@@ -489,8 +497,8 @@ def bench_switches(ours: Method, method_name: str, backbone_name: str, size: int
     baseline = ours_eval(ours, images)
     rows = []
     for switch in args.switches:
-        if switch == "onnxruntime":
-            rows.append(bench_onnxruntime(ours, size, images, baseline, args, device))
+        if switch in RUNTIME_SWITCHES:
+            rows.append(bench_runtime(switch, ours, size, images, baseline, args, device))
             continue
         fast = copy.deepcopy(ours)
         parts = switch.split("+")
@@ -579,18 +587,21 @@ def _drift(start: Method, batch: dict, probe: Tensor, device: torch.device, swit
     return losses, ours_eval(method, probe)
 
 
-def bench_onnxruntime(ours: Method, size: int, images: Tensor, baseline: np.ndarray, args,
-                      device: torch.device) -> dict:
-    """The whole pipeline exported to ONNX (``reconad export``'s graph) and run by onnxruntime on the CPU at the
-    same threads, vs our float32 eager path on the same images."""
+RUNTIME_SWITCHES = ("onnxruntime", "openvino")
+"""The exported graph run by ``reconad.deploy.Detector``'s engines (OpenVINO pinned to float32, as Detector does)."""
+
+
+def bench_runtime(engine: str, ours: Method, size: int, images: Tensor, baseline: np.ndarray, args,
+                  device: torch.device) -> dict:
+    """The whole pipeline exported to ONNX (``reconad export``'s graph) and run by ``engine`` on the CPU at the same
+    threads, vs our float32 eager path on the same images."""
     import tempfile
 
-    import onnxruntime as ort
-
     from reconad.deploy.export import write_model
+    from reconad.deploy.runtime import onnxruntime_runner, openvino_runner
     from reconad.errors import ReconadError
 
-    row: dict[str, Any] = {"switch": "onnxruntime", "eval_batch": len(images)}
+    row: dict[str, Any] = {"switch": engine, "eval_batch": len(images)}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         model = copy.deepcopy(ours).cpu().eval()
@@ -598,21 +609,20 @@ def bench_onnxruntime(ours: Method, size: int, images: Tensor, baseline: np.ndar
             # GNL's official unstable sort has no ONNX equivalent: export the stable one (`reconad export
             # --override match_stable_sort=true`); the deviation below is measured against the unstable eager maps
             model.cfg.match_stable_sort = True
-            row["switch"] = "onnxruntime (match_stable_sort)"
+            row["switch"] = f"{engine} (match_stable_sort)"
         try:
             write_model(model, path, "onnx", size)
+            run = (openvino_runner(path, args.threads, "CPU") if engine == "openvino"
+                   else onnxruntime_runner(path, None, args.threads))
         except ReconadError as err:
             return {**row, "unavailable": str(err)[:300]}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         set_threads(args.threads)
-        feed = {"images": images.cpu().numpy()}
-        fns = {"fp32": lambda: ours_eval(ours, images), "onnxruntime": lambda: session.run(None, feed)[0]}
+        feed = images.cpu().numpy()
+        fns = {"fp32": lambda: ours_eval(ours, images), engine: lambda: run(feed)[0]}
         t = alternate(fns, device, args.warmup, args.repeats)
-        maps = session.run(None, feed)[0]
-    return {**row, "images_per_s": len(images) / t["onnxruntime"], "fp32_images_per_s": len(images) / t["fp32"],
-            "speedup": t["fp32"] / t["onnxruntime"], "max_abs_delta_vs_fp32": float(np.abs(maps - baseline).max()),
+        maps = run(feed)[0]
+    return {**row, "images_per_s": len(images) / t[engine], "fp32_images_per_s": len(images) / t["fp32"],
+            "speedup": t["fp32"] / t[engine], "max_abs_delta_vs_fp32": float(np.abs(maps - baseline).max()),
             "map_max": float(np.abs(baseline).max())}
 
 
@@ -762,7 +772,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--switches", nargs="*", default=["fold_bn", "channels_last", "bf16-mixed"],
                         choices=["fold_bn", "channels_last", "fold_bn+channels_last", "bf16-mixed", "16-mixed",
-                                 "compile", "onnxruntime"])
+                                 "compile", *RUNTIME_SWITCHES])
     parser.add_argument("--train-switches", nargs="*", default=["channels_last", "bf16-mixed"],
                         choices=list(TRAIN_SWITCHES))
     parser.add_argument("--drift-steps", type=int, default=3, help="steps of the training switches' deviation")

@@ -235,6 +235,32 @@ def test_calibrate_predict_export_detector(name, data, caplog):
     assert detector.metadata["threshold_source"].startswith("conformal FAR 0.05 on 19")
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_openvino_runs_the_export_with_the_maps_of_onnxruntime(name, data):
+    run, export_dir, _ = calibrated_export(name, data)
+    images = sorted(data["test"].rglob("*.png"))
+    onnx = Detector(export_dir, threads=1).predict_batch(images)
+    openvino = open_predictor(export_dir, device="openvino")
+    assert openvino.engine == "openvino"
+    for got, want in zip(openvino.predict_batch(images), onnx, strict=True):
+        np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, atol=1e-5 * max(1.0, want.anomaly_map.max()),
+                                   rtol=0)
+        assert got.score == pytest.approx(want.score, abs=1e-5 * max(1.0, abs(want.score)))
+        assert got.label == want.label and got.threshold == want.threshold
+    with pytest.raises(ReconadError, match="runs ONNX export folders.*reconad export"):
+        open_predictor(run, device="openvino")
+
+
+def test_a_runtime_engine_that_cannot_run_says_so(rd4ad_export):
+    _, export_dir = rd4ad_export
+    with pytest.raises(ExportError, match="unknown runtime engine 'tensorrt'; choose one of onnxruntime, openvino"):
+        Detector(export_dir, engine="tensorrt")
+    with pytest.raises(ExportError, match="providers are onnxruntime's"):
+        Detector(export_dir, engine="openvino", providers=["CPUExecutionProvider"])
+    with pytest.raises(ExportError, match="OpenVINO has no device 'NOSUCH' here; available: .*CPU"):
+        open_predictor(export_dir, device="openvino:NOSUCH")
+
+
 def test_torchscript_export_passes_parity(data):
     run = trained_run("recontrast", data)
     meta = export_run(run, data["base"] / "ts-recontrast", format="torchscript")

@@ -96,7 +96,8 @@ def cmd_predict(argv: Sequence[str]) -> int:
     parser.add_argument("run_dir", type=str, help="a run folder or an ONNX export folder")
     parser.add_argument("inputs", type=str, help="an image file or a folder of images")
     parser.add_argument("--output", type=str, default="predictions")
-    parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--device", type=str, default="cpu",
+                        help="cpu or cuda; for an ONNX export folder also openvino[:DEVICE]")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--threshold", type=float | None, default=None, help="raw image threshold (overrides)")
     parser.add_argument("--far", type=float | None, default=None, help="threshold at this false-alarm rate")
@@ -306,7 +307,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
     parser.add_argument("path", type=str, help="a run folder, an export folder, a study folder or a folder of runs")
     parser.add_argument("--host", type=str, default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--device", type=str, default="cpu",
+                        help="cpu or cuda; for an ONNX export folder also openvino[:DEVICE]")
     parser.add_argument("--max-bytes", type=int, default=Limits.max_bytes, help="largest accepted file (413 beyond)")
     parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="most pixels per image (413 beyond)")
     parser.add_argument("--max-files", type=int, default=Limits.max_files, help="most images per request")

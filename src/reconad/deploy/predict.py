@@ -76,18 +76,33 @@ class RunPredictor:
 
 
 def open_predictor(path: str | Path, device: str = "cpu", batch_size: int = 8) -> Any:
-    """A run folder → :class:`RunPredictor` (torch); an ONNX export folder → the torch-free ``Detector``."""
+    """A run folder → :class:`RunPredictor` (torch); an ONNX export folder → the torch-free ``Detector``.
+
+    ``device`` of an export folder: ``cpu`` or ``cuda`` (onnxruntime's providers), or ``openvino`` /
+    ``openvino:<device>`` (OpenVINO, its CPU plugin unless a device is named).
+    """
     from ..run import CONFIG_FILE
 
     path = Path(path)
     if (path / EXPORT_FILE).is_file():
         from .runtime import Detector
 
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if str(device).startswith("cuda") else None
-        return Detector(path, providers=providers, batch_size=batch_size)
+        return Detector(path, batch_size=batch_size, **export_runtime(str(device)))
     if (path / CONFIG_FILE).is_file():
+        if str(device).startswith("openvino"):
+            raise ReconadError(f"device {device!r} runs ONNX export folders, and {path} is a run folder; export it "
+                               f"first (`reconad export {path} --format onnx --output EXPORT_DIR`) and pass EXPORT_DIR")
         return RunPredictor(path, device, batch_size)
     raise ReconadError(f"{path} is neither a run folder ({CONFIG_FILE}) nor an export folder ({EXPORT_FILE})")
+
+
+def export_runtime(device: str) -> dict[str, Any]:
+    """``Detector`` arguments for ``device``: the engine and where it runs."""
+    if device.startswith("openvino"):
+        return {"engine": "openvino", "openvino_device": device.partition(":")[2] or "CPU"}
+    if device.startswith("cuda"):
+        return {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+    return {}
 
 
 # -- folders of images ------------------------------------------------------------------------------------------

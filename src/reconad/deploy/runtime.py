@@ -1,4 +1,4 @@
-"""The torch-free runtime: ``Detector(export_dir)`` needs onnxruntime, numpy and pillow only.
+"""The torch-free runtime: ``Detector(export_dir)`` needs onnxruntime (or OpenVINO), numpy and pillow only.
 
 Nothing here imports torch (``tests/test_deploy.py`` imports this module with torch blocked). Preprocessing
 repeats the training pipeline (``reconad.data.load_image`` + ``resize_image``) in numpy/PIL; a test checks that
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,12 @@ from ..data.image_modes import high_depth_to_uint8, to_rgb
 from ..errors import ReconadError
 from .calibration import Calibration, load_calibration
 
-__all__ = ["EXPORT_FILE", "Detector", "DetectorResult", "ExportError", "ImageInput", "load_rgb", "make_result",
-           "threshold_source",
-           "preprocess", "resize_rgb"]
+__all__ = ["ENGINES", "EXPORT_FILE", "Detector", "DetectorResult", "ExportError", "ImageInput", "load_rgb",
+           "make_result", "onnxruntime_runner", "openvino_runner", "preprocess", "resize_rgb", "threshold_source"]
 
 EXPORT_FILE = "export.json"
+ENGINES = ("onnxruntime", "openvino")
+"""Runtimes that run an ONNX export: onnxruntime (default, CPU or CUDA providers) or OpenVINO (its CPU plugin)."""
 ImageInput = Any  # a path, a PIL image or an (H, W[, C]) uint8/uint16 array
 
 
@@ -162,21 +164,23 @@ def export_calibration(export_dir: str | Path, metadata: dict[str, Any]) -> Cali
 
 
 class Detector:
-    """An ONNX export run by onnxruntime: ``predict(image)`` → :class:`DetectorResult`. No torch needed.
+    """An ONNX export run by onnxruntime or OpenVINO: ``predict(image)`` → :class:`DetectorResult`. No torch needed.
 
     Args:
         export_dir: A folder written by ``reconad export RUN --format onnx``.
         providers: onnxruntime execution providers (default: CPU).
-        threads: intra-op threads of onnxruntime (default: its own choice).
+        threads: intra-op threads of the runtime (default: its own choice).
         batch_size: Images per model call in :meth:`predict_batch`.
+        engine: ``"onnxruntime"`` or ``"openvino"`` (``pip install 'reconad[openvino]'``).
+        openvino_device: OpenVINO device name (``"CPU"``, ``"GPU"``, ...), for ``engine="openvino"``.
     """
 
     def __init__(self, export_dir: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 batch_size: int = 8):
-        try:
-            import onnxruntime as ort
-        except ImportError as err:
-            raise ExportError("the runtime needs onnxruntime: pip install 'reconad[deploy]'") from err
+                 batch_size: int = 8, engine: str = "onnxruntime", openvino_device: str = "CPU"):
+        if engine not in ENGINES:
+            raise ExportError(f"unknown runtime engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if providers and engine != "onnxruntime":
+            raise ExportError(f"providers are onnxruntime's; engine {engine!r} takes openvino_device instead")
         self.export_dir = Path(export_dir)
         self.metadata = read_export_metadata(self.export_dir)
         if self.metadata.get("format") != "onnx":
@@ -187,13 +191,12 @@ class Detector:
         self.metadata["threshold_source"] = threshold_source(self.calibration)
         self.image_size = int(self.metadata["image_size"])
         self.batch_size = batch_size
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        self.engine = engine
         model = self.export_dir / self.metadata["model_file"]
-        self.session = ort.InferenceSession(str(model), options, providers=list(providers or ["CPUExecutionProvider"]))
-        self.input_name = self.session.get_inputs()[0].name
+        if engine == "openvino":
+            self._infer = openvino_runner(model, threads, openvino_device)
+        else:
+            self._infer = onnxruntime_runner(model, providers, threads)
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
         m = self.metadata
@@ -201,8 +204,7 @@ class Detector:
 
     def run(self, images01: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw model call: (B, 3, H, W) float32 in [0, 1] → maps (B, 1, H, W), scores (B,)."""
-        maps, scores = self.session.run(None, {self.input_name: np.ascontiguousarray(images01, np.float32)})
-        return maps, scores
+        return self._infer(np.ascontiguousarray(images01, np.float32))
 
     def predict_batch(self, images: Sequence[ImageInput], threshold: float | None = None) -> list[DetectorResult]:
         out: list[DetectorResult] = []
@@ -214,6 +216,65 @@ class Detector:
 
     def predict(self, image: ImageInput, threshold: float | None = None) -> DetectorResult:
         return self.predict_batch([image], threshold)[0]
+
+
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""(B, 3, H, W) float32 images in [0, 1] → (maps, scores), the exported graph's two outputs."""
+
+
+def onnxruntime_runner(model: Path, providers: Sequence[str] | None, threads: int | None) -> Runner:
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise ExportError("the runtime needs onnxruntime: pip install 'reconad[deploy]'") from err
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=list(providers or ["CPUExecutionProvider"]))
+    name = session.get_inputs()[0].name
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = session.run(None, {name: images})
+        return maps, scores
+
+    return run
+
+
+def openvino_runner(model: Path, threads: int | None, device: str) -> Runner:
+    """OpenVINO's compiled graph in float32. Its CPU plugin would otherwise run bf16 where the CPU has bf16
+    instructions, a silent change of the maps; the precision is pinned so both engines compute the same maps."""
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise ExportError("engine 'openvino' needs OpenVINO: pip install 'reconad[openvino]'") from err
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    core = ov.Core()
+    if device.split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
+        raise ExportError(f"OpenVINO has no device {device!r} here; available: {', '.join(core.available_devices)}")
+    compiled = core.compile_model(_ties_by_position(core.read_model(str(model))), device, config)
+    request = compiled.create_infer_request()
+    maps_port, score_port = compiled.output("anomaly_map"), compiled.output("score")
+    lock = threading.Lock()  # one infer request: calls from several threads take turns
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with lock:
+            out = request.infer({0: images})  # copies the outputs (share_outputs=False)
+            return np.asarray(out[maps_port]), np.asarray(out[score_port])
+
+    return run
+
+
+def _ties_by_position(model: Any) -> Any:
+    """ONNX's TopK orders equal values by position (the spec's tie-break, = torch's stable sort); OpenVINO's ONNX
+    reader maps it to a TopK with ``stable=False``, whose order among ties differs, and GNL's feature matching sorts
+    values with many ties (ReLU zeros): its maps moved by 6e-3. Marking every TopK stable restores the spec."""
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "TopK" and "stable" in op.get_attributes():
+            op.set_attribute("stable", True)
+    return model
 
 
 def threshold_source(calibration: Calibration | None) -> str | None:
