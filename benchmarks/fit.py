@@ -112,7 +112,7 @@ def run_ours(method_name: str, root: Path, epochs: int, work: Path, figures: boo
 
 
 # -- the official-style whole run -----------------------------------------------------------------------------------
-def test_items(root: Path) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def read_test_split(root: Path) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """(images in [0, 1], masks, labels) of the category's test split, read as the official loaders do."""
     images, masks, labels = [], [], []
     for folder in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
@@ -145,7 +145,7 @@ def run_reference(method_name: str, root: Path, epochs: int, ours_width: int | N
             batches = iter(loader)
             for _ in range(len(loader)):
                 step()
-    images, masks, labels = test_items(root)
+    images, masks, labels = read_test_split(root)
     ref.eval()
     if method_name == "ulsad":  # official: quantiles on the good test images
         ref.calibrate([{"image": images[labels == 0]}])

@@ -252,9 +252,13 @@ def openvino_runner(model: Path, threads: int | None, device: str) -> Runner:
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     core = ov.Core()
-    if device.split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
-        raise ExportError(f"OpenVINO has no device {device!r} here; available: {', '.join(core.available_devices)}")
-    compiled = core.compile_model(_ties_by_position(core.read_model(str(model))), device, config)
+    try:
+        compiled = core.compile_model(_ties_by_position(core.read_model(str(model))), device, config)
+    except RuntimeError as err:  # OpenVINO's message ends with the cause (e.g. a device name it does not know)
+        cause = [line for line in str(err).splitlines() if line.strip()][-1]
+        devices = ", ".join(core.available_devices)
+        raise ExportError(f"OpenVINO cannot run {model} on device {device!r} (devices here: {devices}; virtual "
+                          f"ones such as AUTO also work): {cause}") from err
     request = compiled.create_infer_request()
     maps_port, score_port = compiled.output("anomaly_map"), compiled.output("score")
     lock = threading.Lock()  # one infer request: calls from several threads take turns
