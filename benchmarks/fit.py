@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from speed import (  # benchmarks/ is this script's sys.path[0]
     PngImages,
     build,
@@ -112,30 +111,26 @@ def run_ours(method_name: str, root: Path, epochs: int, work: Path, figures: boo
 
 
 # -- the official-style whole run -----------------------------------------------------------------------------------
-def read_test_split(root: Path) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(images in [0, 1], masks, labels) of the category's test split, read as the official loaders do."""
-    images, masks, labels = [], [], []
-    for folder in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
-        for path in sorted(folder.glob("*.png")):
-            images.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
-            good = folder.name == "good"
-            mask_path = root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
-            masks.append(np.zeros(images[-1].shape[:2], bool) if good else np.asarray(Image.open(mask_path)) > 127)
-            labels.append(0 if good else 1)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.stack(masks), np.array(labels)
+def split_items(dataset) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(images in [0, 1], masks, labels) of a split, read by the project's dataset (decode + resize)."""
+    items = [dataset[i] for i in range(len(dataset))]
+    return (torch.stack([it["image"] for it in items]), torch.cat([it["mask"] for it in items]).numpy() > 0.5,
+            np.array([it["label"] for it in items]))
 
 
 def run_reference(method_name: str, root: Path, epochs: int, ours_width: int | None) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
+    from reconad.data.layouts import build_datasets
     from reconad.metrics_reference import official_per_image_aupro
 
     start = time.perf_counter()
     cpu = torch.device("cpu")
     model = {"feature_dim": 384} if method_name == "ulsad" and ours_width != 384 else {}
     ref = build(method_name, "efficientnet_lite0", cpu, **model)
-    files = sorted((root / "train" / "good").glob("*.png"))
-    data = PngImages.from_files(files, ref)
+    train_set, _, test_set = build_datasets(ours_config(method_name, root, epochs).data)
+    files = [record.path for record in train_set.records]
+    data = PngImages.from_files(files, ref)  # decoded and given their views one at a time, as the official loaders
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True)  # official: shuffle, no drop_last
     ref.prepare({"image": b["image"]} for b in loader)
     optimizer = torch.optim.Adam(ref.param_groups(OptimConfig()), lr=1e-4)
@@ -145,7 +140,7 @@ def run_reference(method_name: str, root: Path, epochs: int, ours_width: int | N
             batches = iter(loader)
             for _ in range(len(loader)):
                 step()
-    images, masks, labels = read_test_split(root)
+    images, masks, labels = split_items(test_set)
     ref.eval()
     if method_name == "ulsad":  # official: quantiles on the good test images
         ref.calibrate([{"image": images[labels == 0]}])

@@ -598,7 +598,7 @@ def bench_runtime(engine: str, ours: Method, size: int, images: Tensor, baseline
     import tempfile
 
     from reconad.deploy.export import write_model
-    from reconad.deploy.runtime import onnxruntime_runner, openvino_runner
+    from reconad.deploy.runtime import make_runner
     from reconad.errors import ReconadError
 
     row: dict[str, Any] = {"switch": engine, "eval_batch": len(images)}
@@ -612,8 +612,7 @@ def bench_runtime(engine: str, ours: Method, size: int, images: Tensor, baseline
             row["switch"] = f"{engine} (match_stable_sort)"
         try:
             write_model(model, path, "onnx", size)
-            run = (openvino_runner(path, args.threads, "CPU") if engine == "openvino"
-                   else onnxruntime_runner(path, None, args.threads))
+            run = make_runner(path, engine, threads=args.threads)
         except ReconadError as err:
             return {**row, "unavailable": str(err)[:300]}
         set_threads(args.threads)

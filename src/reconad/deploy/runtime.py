@@ -23,7 +23,7 @@ from ..errors import ReconadError
 from .calibration import Calibration, load_calibration
 
 __all__ = ["ENGINES", "EXPORT_FILE", "Detector", "DetectorResult", "ExportError", "ImageInput", "load_rgb",
-           "make_result", "onnxruntime_runner", "openvino_runner", "preprocess", "resize_rgb", "threshold_source"]
+           "make_result", "make_runner", "preprocess", "resize_rgb", "threshold_source"]
 
 EXPORT_FILE = "export.json"
 ENGINES = ("onnxruntime", "openvino")
@@ -177,10 +177,6 @@ class Detector:
 
     def __init__(self, export_dir: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
                  batch_size: int = 8, engine: str = "onnxruntime", openvino_device: str = "CPU"):
-        if engine not in ENGINES:
-            raise ExportError(f"unknown runtime engine {engine!r}; choose one of {', '.join(ENGINES)}")
-        if providers and engine != "onnxruntime":
-            raise ExportError(f"providers are onnxruntime's; engine {engine!r} takes openvino_device instead")
         self.export_dir = Path(export_dir)
         self.metadata = read_export_metadata(self.export_dir)
         if self.metadata.get("format") != "onnx":
@@ -192,11 +188,8 @@ class Detector:
         self.image_size = int(self.metadata["image_size"])
         self.batch_size = batch_size
         self.engine = engine
-        model = self.export_dir / self.metadata["model_file"]
-        if engine == "openvino":
-            self._infer = openvino_runner(model, threads, openvino_device)
-        else:
-            self._infer = onnxruntime_runner(model, providers, threads)
+        self._infer = make_runner(self.export_dir / self.metadata["model_file"], engine, providers=providers,
+                                  threads=threads, openvino_device=openvino_device)
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
         m = self.metadata
@@ -222,7 +215,19 @@ Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """(B, 3, H, W) float32 images in [0, 1] → (maps, scores), the exported graph's two outputs."""
 
 
-def onnxruntime_runner(model: Path, providers: Sequence[str] | None, threads: int | None) -> Runner:
+def make_runner(model: Path, engine: str = "onnxruntime", *, providers: Sequence[str] | None = None,
+                threads: int | None = None, openvino_device: str = "CPU") -> Runner:
+    """The ONNX graph at ``model`` run by ``engine`` (one of :data:`ENGINES`)."""
+    if engine not in ENGINES:
+        raise ExportError(f"unknown runtime engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if providers and engine != "onnxruntime":
+        raise ExportError(f"providers are onnxruntime's; engine {engine!r} takes openvino_device instead")
+    if engine == "openvino":
+        return _openvino_runner(model, threads, openvino_device)
+    return _onnxruntime_runner(model, providers, threads)
+
+
+def _onnxruntime_runner(model: Path, providers: Sequence[str] | None, threads: int | None) -> Runner:
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -241,7 +246,7 @@ def onnxruntime_runner(model: Path, providers: Sequence[str] | None, threads: in
     return run
 
 
-def openvino_runner(model: Path, threads: int | None, device: str) -> Runner:
+def _openvino_runner(model: Path, threads: int | None, device: str) -> Runner:
     """OpenVINO's compiled graph in float32. Its CPU plugin would otherwise run bf16 where the CPU has bf16
     instructions, a silent change of the maps; the precision is pinned so both engines compute the same maps."""
     try:
