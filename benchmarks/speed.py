@@ -16,7 +16,8 @@ Per case (``method:backbone:size``, random weights: speed does not depend on the
 * the same for the **reference**: the same modules computed the way the official code computes them
   (:func:`official_style`): out-of-place activations where the official networks have them (RD++'s projector,
   ULSAD's FRN and AE; the official RD decoder and torchvision encoders are in place, as ours), the encoder's unused
-  last stage run and the frozen encoder's gradients computed (RD4AD, RD++, GNL), views made image by image, and at
+  last stage run and the frozen encoder's gradients computed (RD4AD, RD++, GNL), ReContrast's hard mining as the
+  official gradient hook (:func:`official_mask_gradient`), views made image by image, and at
   evaluation the RD family's test loop: one image per forward, the map made on the CPU in float64 with
   ``scipy.ndimage.gaussian_filter``, and GNL's EFDM inverting its sort with a second sort (``argsort``) where ours
   scatters (ULSAD's official anomalib evaluation is batched, its map on the device). ULSAD's
@@ -62,6 +63,7 @@ from reconad.config import OptimConfig, make_config
 from reconad.engine.cache import IndexedSamples, build_feature_cache, cached_batches, with_cached_rows
 from reconad.engine.training import to_device
 from reconad.methods import gnl as gnl_method
+from reconad.methods import recontrast as recontrast_method
 from reconad.methods.base import Method
 from reconad.nets import ulsad as ulsad_nets
 from reconad.registry import create_method, get_method_class
@@ -219,10 +221,24 @@ def official_efdm(x: Tensor, ref_sorted: Tensor, lam: float = 0.5, stable: bool 
     return matched.gather(-1, index.argsort(-1)).reshape(x.shape)
 
 
+def official_mask_gradient(recon: Tensor, keep: Tensor) -> Tensor:
+    """ReContrast's ``global_cosine_hm``: a hook on the reconstruction whose ``modify_grad`` zeroes the gradient
+    at the easy pixels in place (``x[inds.expand_as(x)] *= 0``); the same gradients as ours."""
+    easy = ~keep
+
+    def modify_grad(grad: Tensor) -> Tensor:
+        grad[easy.expand_as(grad)] *= 0.0
+        return grad
+
+    recon.register_hook(modify_grad)
+    return recon
+
+
 @contextmanager
 def official_style(method: Method) -> Iterator[None]:
     """Compute ``method`` as the official code does (same weights, same values): see the module docstring."""
-    saved = [(ulsad_nets, "F", ulsad_nets.F), (gnl_method, "efdm", gnl_method.efdm)]
+    saved = [(ulsad_nets, "F", ulsad_nets.F), (gnl_method, "efdm", gnl_method.efdm),
+             (recontrast_method, "mask_gradient", recontrast_method.mask_gradient)]
     # official RD decoders (de_resnet) and torchvision encoders are in place already; RD++'s projector and ULSAD's
     # networks are not
     inplace = [m for m in method.modules() if isinstance(m, nn.LeakyReLU) and m.inplace]
@@ -232,6 +248,7 @@ def official_style(method: Method) -> Iterator[None]:
     try:
         ulsad_nets.F = SimpleNamespace(**{**vars(F), "relu": _relu_out_of_place})
         gnl_method.efdm = official_efdm
+        recontrast_method.mask_gradient = official_mask_gradient
         for m in inplace:
             m.inplace = False
         if cfg_maps is not None:

@@ -172,3 +172,25 @@ def test_the_optimizer_steps_exactly_as_the_plain_per_parameter_loop(method_name
             optimizer.zero_grad(set_to_none=True)
     for (name, a), b in zip(ours.named_parameters(), plain.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_predict_dataset_collects_every_batch_in_order(tiny_mvtec, tiny_backbone):
+    # the readback of each batch is collected one batch late (on CUDA it overlaps the next forward): the first,
+    # the middle and the last, partial batch must all arrive, in dataset order, equal to one forward per image
+    from reconad.data import build_datasets
+    from reconad.engine import predict_dataset
+    from reconad.registry import create_method
+
+    cfg = make_config("rd4ad", **tiny_run_overrides(tiny_mvtec))
+    _, _, test_set = build_datasets(cfg.data)
+    method = create_method("rd4ad", backbone=tiny_backbone()).eval()
+    n = len(test_set)
+    assert n % 4 not in (0, n)  # several batches of 4 and a partial last one
+    out = predict_dataset(method, test_set, 4, torch.device("cpu"))
+    with torch.inference_mode():
+        single = [method(test_set[i]["image"][None]) for i in range(n)]
+    assert out.paths == [test_set[i]["path"] for i in range(n)]
+    assert out.labels.tolist() == [test_set[i]["label"] for i in range(n)]
+    torch.testing.assert_close(torch.from_numpy(out.maps), torch.cat([p.anomaly_map[:, 0] for p in single]),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(out.scores), torch.cat([p.score for p in single]), rtol=0, atol=1e-5)

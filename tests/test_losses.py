@@ -40,6 +40,21 @@ def test_mask_gradient_zeroes_masked_pixels_only():
     assert torch.equal(recon.grad, keep.float().expand(1, 3, 2, 2))
 
 
+def test_mask_gradient_equals_the_arithmetic_form_bit_for_bit():
+    # the former form recon·keep + (recon·(1−keep)).detach(): same loss, same gradients, to the last bit
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(4, 16, 8, 8, generator=g)
+    base = torch.randn(4, 16, 8, 8, generator=g)
+    keep = losses.hard_mining_mask(target, base, alpha=0.3)
+    results = []
+    for form in (losses.mask_gradient, lambda r, k: r * k.float() + (r * (1 - k.float())).detach()):
+        recon = base.clone().requires_grad_(True)
+        loss = losses.global_cosine(target, form(recon, keep))
+        (grad,) = torch.autograd.grad(loss, recon)
+        results.append((loss.detach(), grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_hard_mining_threshold_uses_unbiased_std():
     torch.manual_seed(2)
     t, r = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)

@@ -45,7 +45,21 @@ def hard_mining_mask(target: Tensor, recon: Tensor, alpha: float) -> Tensor:
 def mask_gradient(recon: Tensor, keep: Tensor) -> Tensor:
     """Identity in the forward pass; in the backward pass zero the gradient where ``keep`` is False.
 
-    parity: official_code.md §2.2 — the printed loss still covers every pixel, only gradients are masked.
+    parity: official_code.md §2.2 — the printed loss still covers every pixel, only gradients are masked (the
+    official code does it with a gradient hook). The forward is a view of ``recon``, not
+    ``recon·keep + (recon·(1−keep)).detach()``, which made four passes over every decoder output for the same
+    values; the backward multiplies by ``keep`` as before, so gradients are bit-identical.
     """
-    keep = keep.to(recon.dtype)  # (B, 1, H, W) broadcasts over channels
-    return recon * keep + (recon * (1 - keep)).detach()
+    return _MaskGradient.apply(recon, keep)
+
+
+class _MaskGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, recon: Tensor, keep: Tensor) -> Tensor:
+        ctx.save_for_backward(keep)  # (B, 1, H, W) bool: broadcasts over channels
+        return recon.view_as(recon)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (keep,) = ctx.saved_tensors
+        return grad * keep.to(grad.dtype), None
