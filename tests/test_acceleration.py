@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -89,12 +90,23 @@ def test_fold_bn_folds_every_network_of_a_method_and_keeps_its_maps(name):
     assert applied["fold_bn"] > 0
     assert all(isinstance(fast.get_submodule(n.rsplit(".", 1)[0]), SDCBlock) for n in left), left
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    if name == "gnl":
+        # GNL's test-time matching ranks feature values: the folded convs' rounding reorders near-equal values,
+        # which moves the matched maps by up to the gaps between sorted reference values (~1e-4 relative; the
+        # benchmark's 3e-4 on maps of 2.4), so with matching the bound is looser, and rounding only without it
+        assert_maps_close(plain, fast, images, 1e-3)
+        for method in (plain, fast):
+            method.cfg = replace(method.cfg, match=False)
+    # a BN folded into the wrong conv would move maps by far more than float32 rounding (BN statistics are random)
+    assert_maps_close(plain, fast, images, 1e-5)
+
+
+def assert_maps_close(plain, fast, images, relative: float) -> None:
     with torch.inference_mode():
         ref, ours = plain(images), fast(images)
     scale = ref.anomaly_map.abs().max().item()
-    # a BN folded into the wrong conv would move maps by far more than float32 rounding (BN statistics are random)
-    assert (ours.anomaly_map - ref.anomaly_map).abs().max().item() <= 1e-5 * max(scale, 1.0)
-    assert (ours.score - ref.score).abs().max().item() <= 1e-5 * max(ref.score.abs().max().item(), 1.0)
+    assert (ours.anomaly_map - ref.anomaly_map).abs().max().item() <= relative * max(scale, 1.0)
+    assert (ours.score - ref.score).abs().max().item() <= relative * max(ref.score.abs().max().item(), 1.0)
 
 
 def test_fold_refuses_a_module_in_training_mode():
