@@ -8,6 +8,7 @@ both give the same tensors on odd-sized, grayscale, palette and 16-bit inputs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ from PIL import Image
 from ..data.image_modes import high_depth_to_uint8, to_rgb
 from ..errors import ReconadError
 from .calibration import Calibration, load_calibration
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ENGINES", "EXPORT_FILE", "Detector", "DetectorResult", "ExportError", "ImageInput", "load_rgb",
            "make_result", "make_runner", "preprocess", "resize_rgb", "threshold_source"]
@@ -280,9 +283,17 @@ def _ties_by_position(model: Any) -> Any:
     """ONNX's TopK orders equal values by position (the spec's tie-break, = torch's stable sort); OpenVINO's ONNX
     reader maps it to a TopK with ``stable=False``, whose order among ties differs, and GNL's feature matching sorts
     values with many ties (ReLU zeros): its maps moved by 6e-3. Marking every TopK stable restores the spec."""
+    marked = 0
     for op in model.get_ordered_ops():
         if op.get_type_name() == "TopK" and "stable" in op.get_attributes():
             op.set_attribute("stable", True)
+            marked += 1
+    if marked:
+        # measured (docs/performance.md): GNL's Lite0 graph at batch 8, 15.8 img/s stable vs 135 unstable vs 156
+        # in ONNX Runtime, which is stable by the spec
+        log.warning("this graph sorts (%d TopK, e.g. GNL's feature matching): OpenVINO's stable TopK runs it several "
+                    "times slower than ONNX Runtime, which gives the same maps; engine='onnxruntime' (--device cpu) "
+                    "is the faster choice for it", marked)
     return model
 
 
