@@ -45,78 +45,61 @@ def predict_dataset(method: Method, dataset: Dataset, batch_size: int, device: t
     """Run a model over a labelled dataset and collect maps, scores, masks and labels on the CPU.
 
     On CUDA the host never waits for the batch it has just queued: each batch's map and scores are copied to
-    pinned host memory without blocking, and the host collects them one batch later, after it has loaded and
-    queued the next batch, so loading and the GPU's forward overlap. Elsewhere the copies are plain reads; the
-    outputs are the same either way.
+    pinned host memory without blocking, and the host waits for a batch's copy only after it has loaded and queued
+    the next batch, so loading and the GPU's forward overlap (and the host stays at most one batch ahead).
+    Elsewhere the copies are plain reads; the outputs are the same either way.
     """
     was_training = method.training
     method.eval()
-    collected = _Collected()
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
-    pending = None
+    readbacks: list[_Readback] = []
     try:
         with torch.inference_mode():
             for batch in progress(loader, desc=desc, leave=False):
                 images = batch["image"].to(device, non_blocking=True)
                 with autocast() if autocast else nullcontext():
                     pred = method(images)
-                queued = _PendingReadback.start(pred.anomaly_map.float().squeeze(1), pred.score.float(), batch)
-                if pending is not None:
-                    collected.add(pending)  # the previous batch: done on the device before this one started
-                pending = queued
-            if pending is not None:
-                collected.add(pending)
+                readbacks.append(_Readback.start(pred.anomaly_map.float().squeeze(1), pred.score.float(), batch))
+                if len(readbacks) > 1:
+                    readbacks[-2].wait()  # the previous batch, finished on the device before this one started
     finally:
         method.train(was_training)
-    return collected.outputs()
+    if readbacks:
+        readbacks[-1].wait()
+    return EvalOutputs(np.concatenate([r.maps.numpy() for r in readbacks]),
+                       np.concatenate([r.scores.numpy() for r in readbacks]),
+                       np.concatenate([r.labels for r in readbacks]), np.concatenate([r.masks for r in readbacks]),
+                       [p for r in readbacks for p in r.paths], [d for r in readbacks for d in r.defects])
 
 
 @dataclass
-class _PendingReadback:
-    """One batch's map and scores on their way to the host (``event``: set when the copy is done, CUDA only)."""
+class _Readback:
+    """One batch's outputs on their way to the host: map and scores (``event``: set when their copy is done, CUDA
+    only) and the batch's labels, masks, paths and defects (not its images)."""
 
     maps: torch.Tensor
     scores: torch.Tensor
-    batch: dict[str, Any]
+    labels: np.ndarray
+    masks: np.ndarray
+    paths: list[str]
+    defects: list[str]
     event: Any = None
 
     @classmethod
-    def start(cls, maps: torch.Tensor, scores: torch.Tensor, batch: dict[str, Any]) -> _PendingReadback:
+    def start(cls, maps: torch.Tensor, scores: torch.Tensor, batch: dict[str, Any]) -> _Readback:
+        host = (batch["label"].numpy(), batch["mask"].squeeze(1).numpy().astype(np.uint8), list(batch["path"]),
+                list(batch["defect"]))
         if maps.device.type != "cuda":
-            return cls(maps.cpu(), scores.cpu(), batch)
+            return cls(maps.cpu(), scores.cpu(), *host)
         # non_blocking device-to-host copies land in pinned memory; the event tells when they are complete
-        pending = cls(maps.to("cpu", non_blocking=True), scores.to("cpu", non_blocking=True), batch,
-                      torch.cuda.Event())
-        pending.event.record()
-        return pending
+        readback = cls(maps.to("cpu", non_blocking=True), scores.to("cpu", non_blocking=True), *host,
+                       event=torch.cuda.Event())
+        readback.event.record()
+        return readback
 
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
-
-
-class _Collected:
-    def __init__(self) -> None:
-        self.maps: list[np.ndarray] = []
-        self.scores: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
-        self.masks: list[np.ndarray] = []
-        self.paths: list[str] = []
-        self.defects: list[str] = []
-
-    def add(self, pending: _PendingReadback) -> None:
-        pending.wait()
-        batch = pending.batch
-        self.maps.append(pending.maps.numpy())
-        self.scores.append(pending.scores.numpy())
-        self.labels.append(batch["label"].numpy())
-        self.masks.append(batch["mask"].squeeze(1).numpy().astype(np.uint8))
-        self.paths += list(batch["path"])
-        self.defects += list(batch["defect"])
-
-    def outputs(self) -> EvalOutputs:
-        return EvalOutputs(np.concatenate(self.maps), np.concatenate(self.scores), np.concatenate(self.labels),
-                           np.concatenate(self.masks), self.paths, self.defects)
 
 
 def _check_scorable(out: EvalOutputs) -> None:
