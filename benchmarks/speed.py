@@ -7,6 +7,7 @@ writes JSON (benchmarks/results/speed_*.json). Never run by the tests.
         --train-switches channels_last bf16-mixed channels_last+bf16-mixed
     python benchmarks/speed.py --profile                                    # where the time goes (torch.profiler)
     python benchmarks/speed.py --hires 512 1024                             # rd4ad WRN50-2 inference memory
+    python benchmarks/speed.py --cases rd4ad:wide_resnet50_2:256 --official official.json   # × the official code
 
 Per case (``method:backbone:size``, random weights: speed does not depend on their values):
 
@@ -28,7 +29,9 @@ Per case (``method:backbone:size``, random weights: speed does not depend on the
 * each training switch (``--train-switches``: ``train.channels_last``, ``train.precision``) with its step time and
   how far it moves training from the float32 path (losses and maps after ``--drift-steps`` steps on one batch);
 * MACs per image (hook counter over Conv2d / ConvTranspose2d / Linear) and the achieved fraction of the device's
-  MAC bound, the bound being a measured large matmul at the same threads and dtype.
+  MAC bound, the bound being a measured large matmul at the same threads and dtype;
+* with ``--official FILE``: ours against the official code's own timings, measured by the user on the same machine
+  (format and checks: ``benchmarks/official_numbers.py``).
 
 Ours and the reference alternate in every repeat; figures are medians. Torch's thread count is set explicitly and
 re-checked after imports (numba, cv2 and OpenMP runtimes can change it). Compare ratios from one run only.
@@ -53,6 +56,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import official_numbers  # benchmarks/ is this script's sys.path[0]
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -799,9 +803,19 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/speed_<kind>_<device>.json)")
     parser.add_argument("--print", dest="print_json", default=None, metavar="JSON",
                         help="print the tables of an earlier run's JSON (no timing)")
+    parser.add_argument("--official", default=None, metavar="JSON",
+                        help="the official code's own timings on this machine (format: benchmarks/official_numbers.py)"
+                             "; adds ×official ratios")
     args = parser.parse_args()
+    try:
+        official = official_numbers.load(args.official) if args.official else None
+    except official_numbers.OfficialNumbersError as err:
+        parser.error(str(err))
     if args.print_json:
-        print_tables(json.loads(Path(args.print_json).read_text()))
+        earlier = json.loads(Path(args.print_json).read_text())
+        print_tables(earlier)
+        if official is not None:
+            print_official(compare_earlier(parser, official, earlier))
         return
 
     set_threads(args.threads)
@@ -810,6 +824,10 @@ def main() -> None:
     env = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(), "cpu": cpu_name(),
            "python": sys.version.split()[0], "cuda": torch.cuda.get_device_name(device) if device.type == "cuda"
            else None, "argv": sys.argv[1:]}
+    warnings: list[str] = []
+    if official is not None:  # checked before anything is timed
+        warnings = official_setup_warnings(parser, official, str(device), args.threads, args.train_batch, cases,
+                                           env["cuda"] or env["cpu"])
     kind = "profile" if args.profile else ("hires" if args.hires else "methods")
     out = Path(args.out or f"benchmarks/results/speed_{kind}_{device.type}.json")
     result: dict[str, Any] = {"env": env}
@@ -836,8 +854,42 @@ def main() -> None:
             write_json(out, result)  # after every case: an interrupted run keeps what it measured
         print()
         print_tables(result)
+        if official is not None:
+            result["official"] = official_numbers.summary(official, official_numbers.comparisons(rows, official),
+                                                          warnings)
+            print_official(result["official"])
     write_json(out, result)
     print(f"\nwritten {out}")
+
+
+def official_setup_warnings(parser: argparse.ArgumentParser, official: official_numbers.OfficialNumbers, device: str,
+                            threads: int, train_batch: int | None, cases: list[str], machine: str | None) -> list[str]:
+    """The official numbers' setup against this run's: a mismatch that voids the ratios stops here."""
+    try:
+        warnings = official_numbers.check_setup(official, device, threads, train_batch, cases)
+    except official_numbers.OfficialNumbersError as err:
+        parser.error(str(err))
+    other_machine = official_numbers.machine_warning(official, machine)
+    return warnings + ([other_machine] if other_machine else [])
+
+
+def compare_earlier(parser: argparse.ArgumentParser, official: official_numbers.OfficialNumbers,
+                    earlier: dict) -> dict:
+    """The official numbers against an earlier run's JSON, its setup checked as before a new run."""
+    env, rows = earlier["env"], earlier.get("results", [])
+    if not rows:
+        parser.error("--print: that JSON holds no timing results (a --profile or --hires run?)")
+    warnings = official_setup_warnings(parser, official, rows[0]["device"], env["threads"], rows[0]["train_batch"],
+                                       [official_numbers.case_name(r) for r in rows], env.get("cuda") or env.get("cpu"))
+    return official_numbers.summary(official, official_numbers.comparisons(rows, official), warnings)
+
+
+def print_official(summary: dict) -> None:
+    print(f"\nagainst the official code's own numbers ({summary['file']}: {summary['source']})")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
+    print(official_numbers.table(summary["comparisons"]) if summary["comparisons"] else
+          "no measure in common with this run")
 
 
 def cpu_name() -> str | None:
