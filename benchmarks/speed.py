@@ -525,10 +525,12 @@ def bench_switches(ours: Method, method_name: str, backbone_name: str, size: int
         parts = switch.split("+")
         cfg = SimpleNamespace(fold_bn="fold_bn" in parts, channels_last="channels_last" in parts,
                               precision=switch if switch in ("bf16-mixed", "16-mixed") else "32-true",
-                              compile=switch == "compile")
+                              compile=switch == "compile", trace="trace" in parts)
         apply_inference_speedups(fast, cfg)
         fns = {"fp32": lambda: ours_eval(ours, images), switch: lambda f=fast: ours_eval(f, images)}
-        t = alternate(fns, device, args.warmup + (2 if switch == "compile" else 0), args.repeats)
+        # compile's first batches compile; a trace is recorded on the first and TorchScript profiles the next two
+        extra_warmup = 2 if switch == "compile" else (3 if cfg.trace else 0)
+        t = alternate(fns, device, args.warmup + extra_warmup, args.repeats)
         delta = float(np.abs(ours_eval(fast, images) - baseline).max())
         rows.append({"switch": switch, "eval_batch": batch, "images_per_s": batch / t[switch],
                      "fp32_images_per_s": batch / t["fp32"], "speedup": t["fp32"] / t[switch],
@@ -736,17 +738,23 @@ def table(rows: list[dict], eval_batches: list[int]) -> str:
 
 def switch_table(rows: list[dict]) -> str:
     """Each switch: its images/s, ×our float32 (alternated with it), ×the reference at the same batch (measured
-    earlier in the same run), and the deviation of its maps."""
-    lines = ["| method | backbone | switch | eval img/s | ×fp32 | ×ref | max abs Δ maps (map max) |",
-             "|---|---|---|---|---|---|---|"]
+    earlier in the same run), the same chained through our float32 path (our float32 ×ref, alternated with the
+    reference, times the switch's ×fp32: two alternated ratios, so a noisy box's drift between the two phases of
+    the run cancels), and the deviation of its maps."""
+    lines = ["| method | backbone | switch | eval img/s | ×fp32 | ×ref | ×ref via fp32 | max abs Δ maps (map max) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for s in r["switches"]:
             if "unavailable" in s:
-                lines.append(f"| {r['method']} | {r['backbone']} | {s['switch']} | – | – | – | {s['unavailable']} |")
+                lines.append(f"| {r['method']} | {r['backbone']} | {s['switch']} | – | – | – | – "
+                             f"| {s['unavailable']} |")
                 continue
-            ref = None if r["method"] in NO_OFFICIAL_CODE else r.get(f"ref_eval_b{s['eval_batch']}_images_per_s")
+            batch = s["eval_batch"]
+            ref = None if r["method"] in NO_OFFICIAL_CODE else r.get(f"ref_eval_b{batch}_images_per_s")
+            ours = r.get(f"eval_b{batch}_images_per_s")
+            chained = f"{ours / ref * s['speedup']:.2f}" if ours and ref else "–"
             lines.append(f"| {r['method']} | {r['backbone']} | {s['switch']} | {s['images_per_s']:.2f} "
-                         f"| {s['speedup']:.2f} | {ratio(s['images_per_s'], ref)} "
+                         f"| {s['speedup']:.2f} | {ratio(s['images_per_s'], ref)} | {chained} "
                          f"| {s['max_abs_delta_vs_fp32']:.1e} ({s['map_max']:.2f}) |")
     return "\n".join(lines)
 
@@ -792,7 +800,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--switches", nargs="*", default=["fold_bn", "channels_last", "bf16-mixed"],
                         choices=["fold_bn", "channels_last", "fold_bn+channels_last", "bf16-mixed", "16-mixed",
-                                 "compile", *RUNTIME_SWITCHES])
+                                 "compile", "trace", "fold_bn+channels_last+trace", *RUNTIME_SWITCHES])
     parser.add_argument("--train-switches", nargs="*", default=["channels_last", "bf16-mixed"],
                         choices=list(TRAIN_SWITCHES))
     parser.add_argument("--drift-steps", type=int, default=3, help="steps of the training switches' deviation")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import logging
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -30,7 +32,7 @@ def randomise_bn_statistics(module: nn.Module, seed: int = 0) -> None:
 
 def eval_cfg(**switches) -> SimpleNamespace:
     return SimpleNamespace(**{"fold_bn": False, "channels_last": False, "precision": "32-true", "compile": False,
-                              **switches})
+                              "trace": False, **switches})
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
@@ -147,3 +149,109 @@ def test_bf16_autocast_changes_maps_a_little_and_returns_float32():
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="eval.precision"):
         apply_inference_speedups(rd4ad_pair()[1], eval_cfg(precision="int8"))
+
+
+def _assert_identical(ref, ours) -> None:
+    assert type(ours) is type(ref)
+    for name, a, b in zip(ref._fields, ref, ours, strict=True):
+        assert b.dtype == a.dtype and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_trace_gives_every_method_its_eager_outputs_bit_for_bit(name):
+    plain = calibrated(name)
+    fast = copy.deepcopy(plain)
+    assert apply_inference_speedups(fast, eval_cfg(trace=True)) == {"trace": True}
+    g = torch.Generator().manual_seed(3)
+    full, partial = torch.rand(3, 3, 64, 64, generator=g), torch.rand(1, 3, 64, 64, generator=g)
+    with torch.inference_mode():
+        # several calls per shape: TorchScript's executor profiles the first runs and optimises after them
+        for images in (full, partial, full, partial, full, partial, full * 0.5):
+            _assert_identical(plain(images), fast(images))
+    assert len(fast.forward.traces) == 2 and all(fast.forward.traces.values())  # one trace per batch shape
+
+
+def test_trace_keeps_the_maps_of_the_switches_it_is_combined_with():
+    plain, fast = rd4ad_pair()
+    folded = copy.deepcopy(plain)
+    apply_inference_speedups(folded, eval_cfg(fold_bn=True, channels_last=True))
+    applied = apply_inference_speedups(fast, eval_cfg(fold_bn=True, channels_last=True, trace=True))
+    assert applied["trace"] and applied["channels_last"] and applied["fold_bn"] > 0
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        for _ in range(3):
+            _assert_identical(folded(images), fast(images))
+    key = next(iter(fast.forward.traces))
+    assert key[-1] is True  # traced with the NHWC input the channels_last hook makes
+
+
+def test_trace_sees_weights_changed_after_tracing():
+    """Parameters are the trace's live attributes, not constants copied when it was recorded."""
+    plain, fast = rd4ad_pair()
+    apply_inference_speedups(fast, eval_cfg(trace=True))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        fast(images), fast(images)
+        for module in (plain, fast):
+            module.decoder.layer1[0].conv1.weight.mul_(0.5)
+        _assert_identical(plain(images), fast(images))
+
+
+def test_a_trace_that_differs_is_not_used(monkeypatch, caplog):
+    plain, fast = rd4ad_pair()
+    apply_inference_speedups(fast, eval_cfg(trace=True))
+    wrong = SimpleNamespace(calls=0)
+
+    def bad_trace(module, images, **_):
+        def run(x):
+            wrong.calls += 1
+            return tuple(t + 1 for t in module(x))
+        return run
+
+    monkeypatch.setattr(torch.jit, "trace", bad_trace)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="reconad.acceleration"):
+        first, second = fast(images), fast(images)
+    assert "does not reproduce the eager outputs" in caplog.text
+    assert wrong.calls == 1  # only the check ran the bad trace; both calls returned eager outputs
+    with torch.inference_mode():
+        ref = plain(images)
+    _assert_identical(ref, first)
+    _assert_identical(ref, second)
+
+
+@pytest.mark.parametrize("switches", [{"precision": "bf16-mixed"}, {"compile": True}])
+def test_trace_refuses_what_it_cannot_replay(switches):
+    with pytest.raises(ValueError, match="eval.trace .* cannot be combined"):
+        apply_inference_speedups(rd4ad_pair()[1], eval_cfg(trace=True, **switches))
+
+
+def test_a_fit_with_eval_trace_evaluates_to_the_same_scores(tiny_mvtec, tmp_path, monkeypatch):
+    """End to end: the final evaluation runs through the traces (a full and a partial batch) and gives the scores
+    and metrics of the eager run, bit for bit; metrics.json records the switch."""
+    from reconad.config import make_config
+    from reconad.engine import fit
+
+    from .conftest import tiny_run_overrides
+
+    def run(trace: bool, name: str):
+        sections = tiny_run_overrides(tiny_mvtec)
+        sections["data"]["eval_batch_size"] = 4  # 6 test images: a batch of 4 and one of 2
+        sections["eval"].update(plots=False, overlays=0, trace=trace)
+        return fit(make_config("rd4ad", **sections), tmp_path / name)
+
+    eager = run(False, "eager")
+    traced_shapes = []
+    real_trace = torch.jit.trace
+
+    def spy(module, images, **kwargs):
+        traced_shapes.append(tuple(images.shape))
+        return real_trace(module, images, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", spy)
+    traced = run(True, "traced")
+    assert traced_shapes == [(4, 3, 32, 32), (2, 3, 32, 32)]
+    assert traced.metrics == eager.metrics
+    assert (traced.run_dir / "test_scores.csv").read_text() == (eager.run_dir / "test_scores.csv").read_text()
+    summary = json.loads((traced.run_dir / "metrics.json").read_text())
+    assert summary["inference"] == {"trace": True}

@@ -1,6 +1,7 @@
-"""Fast inference switches that change numbers slightly: conv–BN folding, channels_last, bf16/fp16 autocast,
-torch.compile. Each is off by default (``EvalConfig``); ``benchmarks/speed.py`` reports the speed of each next
-to its measured max |Δ| of the maps against the float32 path (docs/performance.md).
+"""Fast inference switches: conv–BN folding, channels_last, bf16/fp16 autocast and torch.compile change numbers
+slightly; the TorchScript trace (``eval.trace``) does not. Each is off by default (``EvalConfig``);
+``benchmarks/speed.py`` reports the speed of each next to its measured max |Δ| of the maps against the float32 path
+(docs/performance.md).
 
 The engine calls :func:`apply_inference_speedups` once on a model that is only used for inference (evaluation,
 prediction, serving) after it is loaded and moved to its device; nothing here chooses a device.
@@ -9,6 +10,8 @@ prediction, serving) after it is loaded and moved to its device; nothing here ch
 from __future__ import annotations
 
 import functools
+import logging
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+log = logging.getLogger(__name__)
 
 
 def fold_conv_bn(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
@@ -101,16 +105,85 @@ def _channels_last_inputs(_module: nn.Module, args: tuple) -> tuple:
     return (images.contiguous(memory_format=torch.channels_last), *rest)
 
 
+class _Forward(nn.Module):
+    """A module whose forward is ``method``'s own (before :class:`TracedForward` replaced it), for the tracer: the
+    method is a submodule, so the trace reads its parameters and buffers as attributes, not as copied constants."""
+
+    def __init__(self, method: nn.Module, forward: Callable[..., Any]) -> None:
+        super().__init__()
+        self.method = method
+        self._forward = forward
+
+    def forward(self, images: Tensor):
+        return self._forward(images)
+
+
+class TracedForward:
+    """``method.forward`` run as a TorchScript trace, one trace per input shape, dtype, device and memory format.
+
+    A trace records the ATen calls the eager forward makes and replays them without Python, so its outputs are the
+    eager outputs bit for bit (the first call of every shape checks this with ``torch.equal`` and, should they ever
+    differ, logs a warning and keeps that shape eager). What the forward decides in Python from shapes or from the
+    method's state (ULSAD's calibrated flag, GNL's matching switch) is fixed in each trace: trace a model whose
+    state is final, as :func:`apply_inference_speedups` is used. Weights and buffers stay live attributes.
+    """
+
+    def __init__(self, method: nn.Module) -> None:
+        self.module = _Forward(method, method.forward)
+        self.traces: dict[tuple, tuple[Callable[..., Any], type] | None] = {}
+
+    def __call__(self, images: Tensor):
+        key = (tuple(images.shape), images.dtype, images.device,
+               images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last))
+        if key not in self.traces:
+            return self._first_call(key, images)
+        entry = self.traces[key]
+        if entry is None:
+            return self.module(images)
+        traced, output_type = entry
+        return output_type(*traced(images))  # a trace returns a plain tuple: the method's Prediction again
+
+    def _first_call(self, key: tuple, images: Tensor):
+        eager = self.module(images)
+        with warnings.catch_warnings():
+            # shape-based Python decisions (named in the docstring) and TorchScript's deprecation notice
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning)
+            traced = torch.jit.trace(self.module, images, check_trace=False, strict=False)
+        same = all(torch.equal(a, b) for a, b in zip(eager, traced(images), strict=True))
+        if not same:
+            log.warning("eval.trace: the trace of input %s does not reproduce the eager outputs bit for bit; inputs "
+                        "of this shape run eagerly", tuple(images.shape))
+        self.traces[key] = (traced, type(eager)) if same else None
+        return eager
+
+
+def trace_forward(method: nn.Module) -> TracedForward:
+    """Replace ``method.forward`` by a :class:`TracedForward` (float32 only: see :func:`apply_inference_speedups`)."""
+    if not callable(getattr(torch.jit, "trace", None)):
+        raise RuntimeError(f"eval.trace needs torch.jit.trace (TorchScript), which torch {torch.__version__} does not "
+                           "have; use eval.compile or `reconad export` instead")
+    traced = TracedForward(method)
+    method.forward = traced
+    return traced
+
+
 def apply_inference_speedups(method: nn.Module, cfg: Any) -> dict[str, Any]:
     """Apply the fast switches of an ``EvalConfig``-like ``cfg`` to ``method`` (in place, inference only).
 
     ``cfg.fold_bn``: fold every BatchNorm that follows a conv into it (encoders, bottleneck, decoder: at inference
     all of them are fixed affine maps). ``cfg.channels_last``: NHWC weights and
     inputs. ``cfg.precision`` ``"bf16-mixed"`` / ``"16-mixed"``: autocast around ``forward`` (maps returned in
-    float32). ``cfg.compile``: ``torch.compile`` of ``forward``. The method is put in eval mode; train it no further.
-    Returns what was applied (for the run log / metrics).
+    float32). ``cfg.compile``: ``torch.compile`` of ``forward``. ``cfg.trace``: ``forward`` as a TorchScript trace
+    per input shape (:class:`TracedForward`; identical outputs without Python's overhead; float32 only, and not with
+    ``compile``). The method is put in eval mode; train it no further. Returns what was applied (for the run log /
+    metrics).
     """
     applied: dict[str, Any] = {}
+    trace = getattr(cfg, "trace", False)
+    if trace and (getattr(cfg, "precision", "32-true") != "32-true" or getattr(cfg, "compile", False)):
+        raise ValueError("eval.trace replays the float32 eager forward: it cannot be combined with eval.precision "
+                         "other than '32-true' or with eval.compile; choose one of them")
     method.eval()
     if getattr(cfg, "fold_bn", False):
         applied["fold_bn"] = fold_batchnorm(method)
@@ -132,5 +205,8 @@ def apply_inference_speedups(method: nn.Module, cfg: Any) -> dict[str, Any]:
     if getattr(cfg, "compile", False):
         method.forward = torch.compile(method.forward)
         applied["compile"] = True
+    if trace:
+        trace_forward(method)
+        applied["trace"] = True
     return applied
 

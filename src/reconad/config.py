@@ -181,8 +181,8 @@ class EvalConfig:
     calibrate_on: Literal["holdout", "test_good"] = "holdout"
     """Data for ``Method.calibrate``: held-out training normals (``data.holdout_fraction``), or — official ULSAD
     parity only, test-set leakage — the good images of the test set."""
-    # fast inference switches (reconad.acceleration.apply_inference_speedups); each changes maps slightly, see
-    # docs/performance.md for their measured speed and max |Δ| against the float32 path
+    # fast inference switches (reconad.acceleration.apply_inference_speedups); each but ``trace`` changes maps
+    # slightly, see docs/performance.md for their measured speed and max |Δ| against the float32 path
     fold_bn: bool = False
     """Fold every BatchNorm that follows a conv (encoders, bottleneck, decoder) into it for inference."""
     channels_last: bool = False
@@ -191,6 +191,9 @@ class EvalConfig:
     """Autocast dtype of inference (maps are returned in float32)."""
     compile: bool = False
     """``torch.compile`` the inference forward (first batches pay the compilation)."""
+    trace: bool = False
+    """Run the inference forward as a TorchScript trace, one per batch shape: the same outputs bit for bit without
+    Python's per-operation overhead (faster mostly at small batches); float32 only, not with ``compile``."""
 
 
 @dataclass
