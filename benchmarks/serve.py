@@ -30,12 +30,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _make_run(folder: Path, size: int) -> Path:
+def _make_run(folder: Path, size: int, trace: bool = False) -> Path:
     from export import _write_run  # the same hand-written run folder as the export benchmark
 
     from reconad.deploy import calibrate_run
+    from reconad.run import read_run_config, write_config
 
     run = _write_run("rd4ad", "efficientnet_lite0", size, folder)
+    if trace:  # as if fitted with --eval.trace true: the predictor replays its forward as TorchScript traces
+        cfg = read_run_config(run)
+        cfg.eval.trace = True
+        write_config(run, cfg)
     calibrate_run(run, folder / "images", far=0.2, pixel_far=0.05)
     return run
 
@@ -90,6 +95,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="most images per model call")
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--maps", action="store_true", help="also encode the map and region PNGs in each answer")
+    parser.add_argument("--trace", action="store_true", help="the run's eval.trace on (bit-identical TorchScript)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "serve_cpu.json")
     args = parser.parse_args()
 
@@ -103,7 +109,7 @@ def main() -> None:
     from reconad.serve.live import background_server
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = _make_run(Path(tmp), args.size)
+        run = _make_run(Path(tmp), args.size, args.trace)
         predictor = open_predictor(run, device=args.device, batch_size=args.batch)
         app = create_app(predictor, max_batch=args.batch, queue_size=256)
         payload = _png(args.size)
@@ -117,7 +123,7 @@ def main() -> None:
                 row["model_calls"] = httpx.get(base + "/health").json()["queue"]["batches_run"] - before
                 rows.append(row)
     print(f"rd4ad × efficientnet_lite0 @ {args.size} px, {args.device}, torch threads {args.threads}, "
-          f"batch ≤ {args.batch}, maps {'on' if args.maps else 'off'}")
+          f"batch ≤ {args.batch}, maps {'on' if args.maps else 'off'}, trace {'on' if args.trace else 'off'}")
     print("| clients | requests | ok | req/s | p50 ms | p95 ms | model calls |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -125,6 +131,7 @@ def main() -> None:
               f"{r['p95_ms']:.0f} | {r['model_calls']} |")
     record = {"benchmark": "serve", "method": "rd4ad", "backbone": "efficientnet_lite0", "image_size": args.size,
               "device": args.device, "torch_threads": args.threads, "max_batch": args.batch, "maps": args.maps,
+              "trace": args.trace,
               "requests_per_client": args.requests, "seconds_bound": args.seconds, "levels": rows,
               "machine": {"python": platform.python_version(), "platform": platform.platform(),
                           "cpus": os.cpu_count(), "torch": torch.__version__}}

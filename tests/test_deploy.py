@@ -461,3 +461,28 @@ def test_fit_calibrates_at_the_end_on_held_out_normals_or_a_normal_folder(tmp_pa
     result = fit_config(make_config("rd4ad", **sections), tmp_path / "few")
     assert result.metrics and load_calibration(result.run_dir) is None
     assert "needs at least 99" in json.loads((result.run_dir / "metrics.json").read_text())["threshold"]["skipped"]
+
+
+def test_a_run_fitted_with_eval_trace_predicts_through_its_traces_bit_for_bit(data, tmp_path):
+    """The predictor takes ``eval.trace`` from the run (its only eval.* switch: it changes no bit), per batch shape."""
+    import shutil
+
+    import yaml
+
+    from reconad.acceleration import TracedForward
+
+    run = trained_run("rd4ad", data)
+    traced_run = tmp_path / "traced"
+    shutil.copytree(run, traced_run)
+    config = yaml.safe_load((traced_run / "config.yaml").read_text())
+    config["eval"]["trace"] = True
+    (traced_run / "config.yaml").write_text(yaml.safe_dump(config))
+    images = sorted(data["test"].rglob("*.png"))  # 4 test images: batches of 3 and 1
+    eager, traced = open_predictor(run, batch_size=3), open_predictor(traced_run, batch_size=3)
+    assert not isinstance(eager.method.forward, TracedForward)
+    for _ in range(2):
+        for a, b in zip(eager.predict_batch(images), traced.predict_batch(images), strict=True):
+            assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
+    assert isinstance(traced.method.forward, TracedForward)
+    assert sorted(key[0][0] for key in traced.method.forward.traces) == [1, 3]
+    assert all(traced.method.forward.traces.values())

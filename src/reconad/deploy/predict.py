@@ -39,6 +39,12 @@ class RunPredictor:
         self.run_dir, self.device, self.batch_size = Path(run_dir), device, batch_size
         self.config = read_run_config(run_dir)
         self.method = load(run_dir, device)
+        if self.config.eval.trace:
+            # the one eval.* switch a predictor takes from the run: it replays the eager forward bit for bit, so the
+            # predictions stay the reference the others are checked against (reconad.acceleration.TracedForward)
+            from ..acceleration import trace_forward
+
+            trace_forward(self.method.eval())
         self.calibration = load_calibration(run_dir)
         data = self.config.data
         self.image_size = int(data.crop_size or data.image_size)
