@@ -525,7 +525,8 @@ def bench_switches(ours: Method, method_name: str, backbone_name: str, size: int
         parts = switch.split("+")
         cfg = SimpleNamespace(fold_bn="fold_bn" in parts, channels_last="channels_last" in parts,
                               precision=switch if switch in ("bf16-mixed", "16-mixed") else "32-true",
-                              compile=switch == "compile", trace="trace" in parts)
+                              compile=switch == "compile", trace="trace" in parts,
+                              rank_safe="no_rank_safe" not in parts)
         apply_inference_speedups(fast, cfg)
         fns = {"fp32": lambda: ours_eval(ours, images), switch: lambda f=fast: ours_eval(f, images)}
         # compile's first batches compile; a trace is recorded on the first and TorchScript profiles the next two
@@ -800,7 +801,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--switches", nargs="*", default=["fold_bn", "channels_last", "bf16-mixed"],
                         choices=["fold_bn", "channels_last", "fold_bn+channels_last", "bf16-mixed", "16-mixed",
-                                 "compile", "trace", "fold_bn+channels_last+trace", *RUNTIME_SWITCHES])
+                                 "compile", "trace", "fold_bn+channels_last+trace",
+                                 "fold_bn+channels_last+trace+no_rank_safe", *RUNTIME_SWITCHES],
+                        help="no_rank_safe: also fold/convert what a rank-based step sorts (eval.rank_safe false)")
     parser.add_argument("--train-switches", nargs="*", default=["channels_last", "bf16-mixed"],
                         choices=list(TRAIN_SWITCHES))
     parser.add_argument("--drift-steps", type=int, default=3, help="steps of the training switches' deviation")

@@ -459,6 +459,18 @@ def test_hook_edits_features_before_the_next_stage() -> None:
     assert torch.equal(backbone(x, hook=lambda stage, feats: feats)[2], base[2])
 
 
+def test_stage_modules_run_the_stages_up_to_the_named_one() -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", weights=None)
+    modules = backbone.stage_modules("layer1")
+    assert modules == [backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool, backbone.layer1]
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(nn.Sequential(*modules)(x), backbone(x)[0])
+    with pytest.raises(ValueError, match="'layer4' is not a stage of resnet18: stem, layer1, layer2, layer3"):
+        backbone.stage_modules("layer4")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Taps by stride
 # --------------------------------------------------------------------------------------------------------------------

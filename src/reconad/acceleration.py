@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -54,7 +54,7 @@ def _without_norm(bn: nn.BatchNorm2d) -> nn.Module:
     return nn.Sequential(*rest) if rest else nn.Identity()
 
 
-def fold_batchnorm(module: nn.Module) -> int:
+def fold_batchnorm(module: nn.Module, keep: Sequence[nn.Module] = ()) -> int:
     """Fold every eval-mode ``BatchNorm2d`` that normalises a ``Conv2d`` / ``ConvTranspose2d`` output, in place: a
     BN registered right after a conv in the same parent, or a pair the parent declares.
 
@@ -63,15 +63,17 @@ def fold_batchnorm(module: nn.Module) -> int:
     reconad's own networks (OCBE, RD decoders, ULSAD's FRN, the SDC autoencoder); a module whose convs and BNs
     are registered in another order names its pairs in a ``conv_bn_pairs`` attribute (ULSAD's global autoencoder).
     That every method's folded maps equal its plain maps is tested (tests/test_acceleration.py). Only valid for a
-    module that stays in eval mode (running statistics are baked in). Returns the number folded.
+    module that stays in eval mode (running statistics are baked in). Nothing inside a module of ``keep`` is
+    folded. Returns the number folded.
     """
     if module.training:
         raise ValueError("fold_batchnorm needs a module in eval mode (it bakes in the running statistics)")
+    kept = {id(m) for k in keep for m in k.modules()}
     folded = 0
     for parent in list(module.modules()):
         for conv_name, bn_name in _conv_bn_pairs(parent):
             conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-            if _foldable(conv, bn):
+            if id(conv) not in kept and id(bn) not in kept and _foldable(conv, bn):
                 with torch.no_grad():
                     fold_conv_bn(conv, bn)
                 setattr(parent, bn_name, _without_norm(bn))
@@ -168,13 +170,24 @@ def trace_forward(method: nn.Module) -> TracedForward:
     return traced
 
 
+def _rank_sensitive(method: nn.Module, cfg: Any) -> list[nn.Module]:
+    """The modules ``fold_bn`` / ``channels_last`` leave alone: those in front of a rank-based step
+    (``Method.rank_sensitive_modules``) while ``cfg.rank_safe`` is on, when a switch that rounds differently is."""
+    rounding_switch = getattr(cfg, "fold_bn", False) or getattr(cfg, "channels_last", False)
+    if not (rounding_switch and getattr(cfg, "rank_safe", True)):
+        return []
+    return list(getattr(method, "rank_sensitive_modules", list)())
+
+
 def apply_inference_speedups(method: nn.Module, cfg: Any) -> dict[str, Any]:
     """Apply the fast switches of an ``EvalConfig``-like ``cfg`` to ``method`` (in place, inference only).
 
     ``cfg.fold_bn``: fold every BatchNorm that follows a conv into it (encoders, bottleneck, decoder: at inference
-    all of them are fixed affine maps). ``cfg.channels_last``: NHWC weights and
-    inputs. ``cfg.precision`` ``"bf16-mixed"`` / ``"16-mixed"``: autocast around ``forward`` (maps returned in
-    float32). ``cfg.compile``: ``torch.compile`` of ``forward``. ``cfg.trace``: ``forward`` as a TorchScript trace
+    all of them are fixed affine maps). ``cfg.channels_last``: NHWC weights and inputs. Both leave the modules in
+    front of a rank-based step as they are while ``cfg.rank_safe`` is on (default; ``Method.rank_sensitive_modules``:
+    GNL's encoder up to its last EFDM-matched stage), so that their rounding cannot reorder the sorted values.
+    ``cfg.precision`` ``"bf16-mixed"`` / ``"16-mixed"``: autocast around ``forward`` (maps returned in float32).
+    ``cfg.compile``: ``torch.compile`` of ``forward``. ``cfg.trace``: ``forward`` as a TorchScript trace
     per input shape (:class:`TracedForward`; identical outputs without Python's overhead; float32 only, and not with
     ``compile``). The method is put in eval mode; train it no further. Returns what was applied (for the run log /
     metrics).
@@ -185,11 +198,19 @@ def apply_inference_speedups(method: nn.Module, cfg: Any) -> dict[str, Any]:
         raise ValueError("eval.trace replays the float32 eager forward: it cannot be combined with eval.precision "
                          "other than '32-true' or with eval.compile; choose one of them")
     method.eval()
+    exact = _rank_sensitive(method, cfg)
+    if exact:
+        applied["rank_safe_modules"] = len(exact)
     if getattr(cfg, "fold_bn", False):
-        applied["fold_bn"] = fold_batchnorm(method)
+        applied["fold_bn"] = fold_batchnorm(method, keep=exact)
     if getattr(cfg, "channels_last", False):
         method.to(memory_format=torch.channels_last)
-        method.register_forward_pre_hook(_channels_last_inputs)
+        for module in exact:
+            module.to(memory_format=torch.contiguous_format)
+        if not exact:
+            # with NCHW modules in front the images stay NCHW; the first NHWC weight after them makes its conv's
+            # output NHWC, and so on
+            method.register_forward_pre_hook(_channels_last_inputs)
         applied["channels_last"] = True
     precision = getattr(cfg, "precision", "32-true")
     if precision in AUTOCAST_DTYPES:

@@ -211,6 +211,17 @@ class Backbone(nn.Module):
         """Names of all stages that run, in order (the last one is the last tap)."""
         return [stage for stage, _ in self._stages]
 
+    def stage_modules(self, last: str) -> list[nn.Module]:
+        """The submodules that run for the stages up to and including ``last``, in call order."""
+        if last not in self.stage_names():
+            raise ValueError(f"{last!r} is not a stage of {self.name}: {', '.join(self.stage_names())}")
+        modules: list[nn.Module] = []
+        for stage, paths in self._stages:
+            modules += [self.get_submodule(path) for path in paths]
+            if stage == last:
+                return modules
+        raise AssertionError("unreachable: the stage was found above")
+
     # -- training state -----------------------------------------------------------------------------------------------
 
     def freeze(self) -> Backbone:

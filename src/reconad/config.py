@@ -187,6 +187,10 @@ class EvalConfig:
     """Fold every BatchNorm that follows a conv (encoders, bottleneck, decoder) into it for inference."""
     channels_last: bool = False
     """NHWC memory format for inference (weights and inputs)."""
+    rank_safe: bool = True
+    """``fold_bn`` and ``channels_last`` leave the modules whose outputs a rank-based step sorts as they are (GNL:
+    the encoder up to its last EFDM-matched stage), so their ~1e-7 rounding cannot reorder near-equal values (GNL's
+    maps move ≤ 1e-5 instead of ~3e-4); ``false`` folds and converts those too (faster, see docs/performance.md)."""
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     """Autocast dtype of inference (maps are returned in float32)."""
     compile: bool = False

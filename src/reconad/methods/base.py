@@ -171,6 +171,13 @@ class Method(nn.Module):
         maps = anomaly_map(self.pairs(images), tuple(images.shape[-2:]), self.cfg.maps)
         return Prediction(maps, image_score(maps, self.cfg.maps.score, self.cfg.maps.topk))
 
+    def rank_sensitive_modules(self) -> list[nn.Module]:
+        """Modules whose outputs a rank-based step of the inference forward reads (a sort). Rounding differences
+        of ~1e-7 there reorder near-equal values, which moves the maps by the gaps between sorted values; so the
+        fast switches that round differently (``eval.fold_bn``, ``eval.channels_last``) leave these modules as they
+        are while ``eval.rank_safe`` is on (reconad.acceleration). Default: none."""
+        return []
+
     def fitted_buffers(self) -> dict[str, Tensor]:
         """Buffers set by :meth:`prepare` / :meth:`calibrate` (names end in ``_``)."""
         return {name: buf for name, buf in self.named_buffers() if name.rsplit(".", 1)[-1].endswith("_")}

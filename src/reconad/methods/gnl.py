@@ -262,6 +262,13 @@ class GNL(RD4AD):
         return efdm(x, getattr(self, f"ref_sorted_{self.match_stages.index(stage)}_"), self.cfg.match_lambda,
                     self.cfg.match_stable_sort)
 
+    def rank_sensitive_modules(self) -> list[nn.Module]:
+        """The encoder up to its last matched stage: EFDM sorts those stages' outputs."""
+        if not (self.cfg.match and self.reference_fitted):
+            return []
+        stages = self.backbone.stage_names()
+        return self.backbone.stage_modules(max(self.match_stages, key=stages.index))
+
     def encode(self, images: Tensor, match: bool | None = None) -> list[Tensor]:
         """Encoder taps; with matching (default: ``cfg.match``) the matched stages are EFDM'd to the reference."""
         match = self.cfg.match if match is None else match
