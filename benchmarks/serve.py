@@ -104,14 +104,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import httpx2 as httpx
 
-    from reconad.deploy import open_predictor
-    from reconad.serve import create_app
+    from reconad.serve import app_for_path
     from reconad.serve.live import background_server
 
     with tempfile.TemporaryDirectory() as tmp:
         run = _make_run(Path(tmp), args.size, args.trace)
-        predictor = open_predictor(run, device=args.device, batch_size=args.batch)
-        app = create_app(predictor, max_batch=args.batch, queue_size=256)
+        start = time.perf_counter()
+        # as `reconad serve` builds it: a traced run records its traces for batch sizes 1..batch here
+        app = app_for_path(run, device=args.device, max_batch=args.batch, queue_size=256)
+        startup_s = time.perf_counter() - start
         payload = _png(args.size)
         rows = []
         with background_server(app) as base:
@@ -123,7 +124,8 @@ def main() -> None:
                 row["model_calls"] = httpx.get(base + "/health").json()["queue"]["batches_run"] - before
                 rows.append(row)
     print(f"rd4ad × efficientnet_lite0 @ {args.size} px, {args.device}, torch threads {args.threads}, "
-          f"batch ≤ {args.batch}, maps {'on' if args.maps else 'off'}, trace {'on' if args.trace else 'off'}")
+          f"batch ≤ {args.batch}, maps {'on' if args.maps else 'off'}, trace {'on' if args.trace else 'off'}, "
+          f"start-up {startup_s:.1f} s")
     print("| clients | requests | ok | req/s | p50 ms | p95 ms | model calls |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -131,7 +133,7 @@ def main() -> None:
               f"{r['p95_ms']:.0f} | {r['model_calls']} |")
     record = {"benchmark": "serve", "method": "rd4ad", "backbone": "efficientnet_lite0", "image_size": args.size,
               "device": args.device, "torch_threads": args.threads, "max_batch": args.batch, "maps": args.maps,
-              "trace": args.trace,
+              "trace": args.trace, "startup_s": startup_s,
               "requests_per_client": args.requests, "seconds_bound": args.seconds, "levels": rows,
               "machine": {"python": platform.python_version(), "platform": platform.platform(),
                           "cpus": os.cpu_count(), "torch": torch.__version__}}

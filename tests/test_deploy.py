@@ -463,20 +463,25 @@ def test_fit_calibrates_at_the_end_on_held_out_normals_or_a_normal_folder(tmp_pa
     assert "needs at least 99" in json.loads((result.run_dir / "metrics.json").read_text())["threshold"]["skipped"]
 
 
-def test_a_run_fitted_with_eval_trace_predicts_through_its_traces_bit_for_bit(data, tmp_path):
-    """The predictor takes ``eval.trace`` from the run (its only eval.* switch: it changes no bit), per batch shape."""
+def traced_copy(run: Path, folder: Path) -> Path:
+    """A copy of ``run`` whose config asks for ``eval.trace``."""
     import shutil
 
     import yaml
 
+    shutil.copytree(run, folder)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["eval"]["trace"] = True
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def test_a_run_fitted_with_eval_trace_predicts_through_its_traces_bit_for_bit(data, tmp_path):
+    """The predictor takes ``eval.trace`` from the run (its only eval.* switch: it changes no bit), per batch shape."""
     from reconad.acceleration import TracedForward
 
     run = trained_run("rd4ad", data)
-    traced_run = tmp_path / "traced"
-    shutil.copytree(run, traced_run)
-    config = yaml.safe_load((traced_run / "config.yaml").read_text())
-    config["eval"]["trace"] = True
-    (traced_run / "config.yaml").write_text(yaml.safe_dump(config))
+    traced_run = traced_copy(run, tmp_path / "traced")
     images = sorted(data["test"].rglob("*.png"))  # 4 test images: batches of 3 and 1
     eager, traced = open_predictor(run, batch_size=3), open_predictor(traced_run, batch_size=3)
     assert not isinstance(eager.method.forward, TracedForward)
@@ -486,3 +491,19 @@ def test_a_run_fitted_with_eval_trace_predicts_through_its_traces_bit_for_bit(da
     assert isinstance(traced.method.forward, TracedForward)
     assert sorted(key[0][0] for key in traced.method.forward.traces) == [1, 3]
     assert all(traced.method.forward.traces.values())
+
+
+def test_serving_a_traced_run_traces_every_batch_size_before_the_first_request(data, tmp_path):
+    from reconad.serve import app_for_path
+
+    traced_run = traced_copy(trained_run("rd4ad", data), tmp_path / "traced")
+    app = app_for_path(traced_run, max_batch=3)
+    traces = app.state.predictor.method.forward.traces
+    assert sorted(key[0][0] for key in traces) == [1, 2, 3] and all(traces.values())
+    # requests of those sizes add no trace and get the eager predictions, bit for bit
+    images = sorted(data["test"].rglob("*.png"))[:3]
+    eager = open_predictor(trained_run("rd4ad", data))
+    for a, b in zip(eager.predict_batch(images), app.state.predictor.predict_batch(images), strict=True):
+        assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
+    assert len(traces) == 3
+    assert not eager.traced  # an eager run has nothing to warm up

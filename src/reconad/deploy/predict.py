@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,31 @@ class RunPredictor:
             "threshold_source": threshold_source(self.calibration), "run_dir": str(run_dir),
             "parity": None,  # eager PyTorch is the reference itself
         }
+
+    @property
+    def traced(self) -> bool:
+        from ..acceleration import TracedForward
+
+        return isinstance(self.method.forward, TracedForward)
+
+    def warm_up(self, batch_sizes: Iterable[int]) -> None:
+        """Record (and check) the trace of every batch size before the first request instead of during it.
+
+        Only a traced run (``eval.trace``) has anything to prepare: its first batch of each size pays a trace and
+        two forwards (serve.md). Random images stand in for requests: every method's forward branches on shapes and
+        on the model's state only, never on pixel values, so a trace recorded on them is the one real images get.
+        """
+        if not self.traced:
+            return
+        import torch
+
+        from ..progress import progress
+
+        sizes = sorted(set(batch_sizes))
+        log.info("eval.trace: tracing the forward for batch sizes %s before serving", sizes)
+        generator = torch.Generator().manual_seed(0)
+        for size in progress(sizes, desc="tracing batch sizes"):
+            self.run(torch.rand(size, 3, self.image_size, self.image_size, generator=generator).numpy())
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """The training pipeline's ``load_image`` + ``resize_image`` (paths) or their array/PIL equivalent."""

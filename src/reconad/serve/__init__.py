@@ -44,7 +44,10 @@ def app_for_path(path: str | Path, *, device: str = "cpu", limits: Limits | None
         return create_app(None, results_root=path, title=path.name)
     from ..deploy import open_predictor
 
-    predictor = open_predictor(path, device=device)
+    predictor = open_predictor(path, device=device, batch_size=max_batch)  # a queued batch is one model call
+    if hasattr(predictor, "warm_up"):
+        # a traced run records one trace per batch size: all of them now, not in the first requests' latency
+        predictor.warm_up(range(1, max_batch + 1))
     is_run = (path / "config.yaml").is_file()
     return create_app(predictor, results_root=path if is_run else None, limits=limits, queue_size=queue_size,
                       max_batch=max_batch, title=path.name)
