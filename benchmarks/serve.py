@@ -103,6 +103,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import httpx2 as httpx
+    from speed import cpu_name
 
     from reconad.serve import app_for_path
     from reconad.serve.live import background_server
@@ -135,7 +136,7 @@ def main() -> None:
               "device": args.device, "torch_threads": args.threads, "max_batch": args.batch, "maps": args.maps,
               "trace": args.trace, "startup_s": startup_s,
               "requests_per_client": args.requests, "seconds_bound": args.seconds, "levels": rows,
-              "machine": {"python": platform.python_version(), "platform": platform.platform(),
+              "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
                           "cpus": os.cpu_count(), "torch": torch.__version__}}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n")
