@@ -17,7 +17,12 @@ code: its row reports ours only.
 Ours runs twice: as the command runs by default, and without its figures (``eval.examples: 0``,
 ``eval.plots: false``, ``eval.overlays: 0``), which the official code does not draw; the difference is their fixed
 cost per run. Both sides run in one warm process (the modules ``reconad fit`` imports are imported, and timed,
-before the first run: a new ``reconad fit`` process pays that once).
+before the first run: a new ``reconad fit`` process pays that once), with glibc's allocator defaults.
+
+``--processes`` runs every run in a fresh process instead, each as its program runs: ours with the memory-allocator
+setting the ``reconad`` command makes before any command (``reconad.allocator``: large feature maps reuse heap
+memory instead of fresh zero pages), the reference as a plain Python script with glibc's defaults. Imports are paid
+before each process starts its clock; the order alternates as above.
 
 Random-init EfficientNet-Lite0 (speed does not depend on the weights), batch 8, ``--epochs`` epochs, the runs in
 alternating order (ours, ours without figures, ref, then reversed, ...); figures are medians. Torch's thread count
@@ -156,14 +161,51 @@ def run_reference(method_name: str, root: Path, epochs: int, ours_width: int | N
             "batches": epochs * len(loader), "metrics": metrics}
 
 
+# -- one variant in a fresh process (--processes) --------------------------------------------------------------------
+def run_variant(variant: str, method_name: str, root: Path, epochs: int, work: Path,
+                ours_width: int | None) -> dict[str, Any]:
+    if variant == "ref":
+        return run_reference(method_name, root, epochs, ours_width)
+    return run_ours(method_name, root, epochs, work, figures=variant == "ours")
+
+
+def child(args) -> dict[str, Any]:
+    """One variant as its program runs: ours as the ``reconad`` command does (allocator tuned before anything
+    else), the reference as a plain Python script (glibc's defaults); imports are paid before the clock starts."""
+    tuned = None
+    if args.child != "ref":
+        from reconad.allocator import tune_cpu_allocator
+
+        tuned = tune_cpu_allocator()
+    import_seconds()
+    set_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run_variant(args.child, args.methods[0], Path(args.root), args.epochs, Path(tmp), args.ours_width)
+    return {**out, "allocator_tuned": bool(tuned)}
+
+
+def run_child(variant: str, method_name: str, root: Path, args, ours_width: int | None) -> dict[str, Any]:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--child", variant, "--methods", method_name, "--epochs", str(args.epochs),
+           "--threads", str(args.threads), "--root", str(root)]
+    if ours_width is not None:
+        cmd += ["--ours-width", str(ours_width)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # -- the table ------------------------------------------------------------------------------------------------------
 def bench_method(method_name: str, root: Path, args, work: Path) -> dict[str, Any]:
     ours_width = None
     if method_name == "ulsad":
         ours_width = build("ulsad", "efficientnet_lite0", torch.device("cpu")).feature_dim
-    variants = {"ours": lambda: run_ours(method_name, root, args.epochs, work),
-                "ours_no_figures": lambda: run_ours(method_name, root, args.epochs, work, figures=False),
-                "ref": lambda: run_reference(method_name, root, args.epochs, ours_width)}
+    names = ("ours", "ours_no_figures", "ref")
+    if args.processes:
+        variants = {name: lambda name=name: run_child(name, method_name, root, args, ours_width) for name in names}
+    else:
+        variants = {name: lambda name=name: run_variant(name, method_name, root, args.epochs, work, ours_width)
+                    for name in names}
     if method_name == "ssl_ae":  # no official code
         del variants["ref"]
     runs: dict[str, list[dict]] = {name: [] for name in variants}
@@ -172,13 +214,14 @@ def bench_method(method_name: str, root: Path, args, work: Path) -> dict[str, An
         for name in order if repeat % 2 == 0 else order[::-1]:
             set_threads(args.threads)
             runs[name].append(variants[name]())
-    row: dict[str, Any] = {"method": method_name, "epochs": args.epochs}
+    row: dict[str, Any] = {"method": method_name, "epochs": args.epochs, "processes": args.processes}
     for name, done in runs.items():
         seconds = statistics.median(r["seconds"] for r in done)
         images = done[0]["n_train"] * args.epochs + done[0]["n_test"]
         row[name] = {"seconds": seconds, "images_per_s": images / seconds, "n_train": done[0]["n_train"],
                      "n_test": done[0]["n_test"], "batches": done[0]["batches"],
-                     "all_seconds": [r["seconds"] for r in done], "metrics": done[-1]["metrics"]}
+                     "all_seconds": [r["seconds"] for r in done], "metrics": done[-1]["metrics"],
+                     "allocator_tuned": done[0].get("allocator_tuned", False)}
     if "ref" in row:
         row["speedup"] = row["ref"]["seconds"] / row["ours"]["seconds"]
         row["speedup_no_figures"] = row["ref"]["seconds"] / row["ours_no_figures"]["seconds"]
@@ -209,7 +252,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/fit_effnet128_cpu.json")
+    parser.add_argument("--processes", action="store_true",
+                        help="each run in a fresh process, as the programs run: ours with the CLI's allocator "
+                             "setting (reconad.allocator), the reference with glibc's defaults")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ours-width", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args), default=float))
+        return
     imports = import_seconds()
     set_threads(args.threads)
     result: dict[str, Any] = {"env": {"torch": torch.__version__, "threads": args.threads, "cpu": cpu_name(),
