@@ -87,6 +87,17 @@ def set_threads(n: int) -> None:
         raise RuntimeError(f"torch runs {torch.get_num_threads()} threads, asked for {n}")
 
 
+def usable_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
+    """``--device`` as a torch device that exists here, or the parser's error saying what is missing."""
+    from reconad.errors import ConfigError
+    from reconad.run import checked_device
+
+    try:
+        return checked_device(name)
+    except ConfigError as err:
+        parser.error(str(err))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -830,7 +841,7 @@ def main() -> None:
         return
 
     set_threads(args.threads)
-    device = torch.device(args.device)
+    device = usable_device(args.device, parser)
     cases = [c for case in args.cases for c in (WRN_CASES if case == "wrn" else [case])]
     env = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(), "cpu": cpu_name(),
            "python": sys.version.split()[0], "cuda": torch.cuda.get_device_name(device) if device.type == "cuda"

@@ -254,6 +254,26 @@ def test_openvino_runs_the_export_with_the_maps_of_onnxruntime(name, data, caplo
         open_predictor(run, device="openvino")
 
 
+def test_a_device_this_machine_lacks_is_refused_by_name(data, rd4ad_export, monkeypatch):
+    import onnxruntime
+    import torch
+
+    run, export_dir = rd4ad_export
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    with pytest.raises(ReconadError, match="--device cuda: torch .* finds no usable NVIDIA GPU.*--device cpu"):
+        open_predictor(run, device="cuda")
+    with pytest.raises(ReconadError, match="--device cuad: not a device name"):
+        open_predictor(run, device="cuad")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ReconadError, match="--device cuda:1: this machine has 1 CUDA device"):
+        open_predictor(run, device="cuda:1")
+    # an export folder: onnxruntime would quietly run on the CPU without its CUDA provider
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ExportError, match="cannot run CUDAExecutionProvider here \\(available: CPUExecutionProvider"):
+        open_predictor(export_dir, device="cuda")
+
+
 def test_a_runtime_engine_that_cannot_run_says_so(rd4ad_export):
     _, export_dir = rd4ad_export
     with pytest.raises(ExportError, match="unknown runtime engine 'tensorrt'; choose one of onnxruntime, openvino"):

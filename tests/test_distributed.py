@@ -10,6 +10,7 @@ ReContrast 3 % (its hard-mining loss takes a quantile over each rank's half batc
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -144,3 +145,20 @@ def test_global_batch_must_split_over_ranks():
     assert per_rank_batch(16, 2) == 8
     with pytest.raises(ConfigError, match="data.batch_size 5 .* train.devices 2"):
         per_rank_batch(5, 2)
+
+
+def test_an_accelerator_this_machine_lacks_stops_the_run_before_it_writes(tiny_mvtec, tmp_path, monkeypatch):
+    from reconad.config import make_config
+    from reconad.errors import ConfigError
+
+    from .conftest import tiny_run_overrides
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    # torch.compile's tracer reads the original behind ``__wrapped__``: keep it reachable
+    unavailable = functools.wraps(torch.backends.mps.is_available)(lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", unavailable)
+    for accelerator in ("cuda", "mps"):
+        cfg = make_config("rd4ad", **tiny_run_overrides(tiny_mvtec, accelerator=accelerator))
+        with pytest.raises(ConfigError, match=f"--train.accelerator {accelerator}: .*--train.accelerator cpu"):
+            engine.fit(cfg, tmp_path / accelerator)
+        assert not (tmp_path / accelerator).exists()

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from .config import RunConfig, config_from_dict, config_to_dict
-from .errors import RunFolderError
+from .errors import ConfigError, RunFolderError
 from .fileio import atomic_write_text, load_weights, save_weights, write_json, write_yaml
 
 if TYPE_CHECKING:
@@ -342,8 +342,29 @@ def build_method(cfg: RunConfig, *, weights_from_checkpoint: bool = False) -> Me
     return cls(cfg.model, backbone)
 
 
+def checked_device(device: str | torch.device, setting: str = "--device", instead: str = "--device cpu",
+                   ) -> torch.device:
+    """``device`` as a torch device that exists here, or a :class:`ConfigError` naming ``setting`` and what to use
+    ``instead`` (rather than CUDA's traceback from inside the first ``.to``)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"{setting} {device}: not a device name ({err}); use cpu or cuda[:N]") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{setting} {device}: torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}) finds "
+                          f"no usable NVIDIA GPU on this machine; run where one and its driver are installed, or use "
+                          f"{instead}")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{setting} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          "numbered from 0")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{setting} {device}: this machine has no usable Apple GPU (MPS); use {instead}")
+    return parsed
+
+
 def load(run_dir: str | Path, map_location: str | torch.device = "cpu") -> Method:
     """The trained model of a run folder, in eval mode."""
+    map_location = checked_device(map_location)
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     _recover_checkpoint(run_dir)

@@ -235,6 +235,13 @@ def _onnxruntime_runner(model: Path, providers: Sequence[str] | None, threads: i
         import onnxruntime as ort
     except ImportError as err:
         raise ExportError("the runtime needs onnxruntime: pip install 'reconad[deploy]'") from err
+    available = ort.get_available_providers()
+    missing = [p for p in providers or () if p not in available]
+    if missing:
+        # onnxruntime would fall back to the next provider (the CPU) without saying so
+        raise ExportError(f"onnxruntime {ort.__version__} cannot run {', '.join(missing)} here (available: "
+                          f"{', '.join(available)}); for --device cuda install onnxruntime-gpu on a machine with an "
+                          "NVIDIA GPU, or use --device cpu")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

@@ -50,10 +50,20 @@ def make_fabric(cfg: RunConfig):
     strategy = "auto"
     if wants_ddp(cfg):
         strategy = DDPStrategy(timeout=timedelta(minutes=cfg.train.ddp_timeout_minutes))
+    check_accelerator(cfg.train.accelerator)
     fabric = Fabric(accelerator=cfg.train.accelerator, devices=cfg.train.devices, precision=cfg.train.precision,
                     strategy=strategy)
     fabric.launch()
     return fabric
+
+
+def check_accelerator(accelerator: str) -> None:
+    """Refuse, by its setting, an accelerator this machine lacks (checked where the run starts, not when a config
+    is validated: a study may be planned on one machine and trained on another)."""
+    from ..run import checked_device
+
+    if accelerator in ("cuda", "mps"):
+        checked_device(accelerator, "--train.accelerator", "--train.accelerator cpu (or auto)")
 
 
 def per_rank_batch(global_batch: int, world_size: int) -> int:
