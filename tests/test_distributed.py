@@ -162,3 +162,8 @@ def test_an_accelerator_this_machine_lacks_stops_the_run_before_it_writes(tiny_m
         with pytest.raises(ConfigError, match=f"--train.accelerator {accelerator}: .*--train.accelerator cpu"):
             engine.fit(cfg, tmp_path / accelerator)
         assert not (tmp_path / accelerator).exists()
+    for accelerator in ("cpu", "auto"):  # fp16 on the CPU: Lightning would train in bf16 without being asked
+        cfg = make_config("rd4ad", **tiny_run_overrides(tiny_mvtec, accelerator=accelerator, precision="16-mixed"))
+        with pytest.raises(ConfigError, match="--train.precision 16-mixed: .* pass --train.precision bf16-mixed"):
+            engine.fit(cfg, tmp_path / f"fp16-{accelerator}")
+        assert not (tmp_path / f"fp16-{accelerator}").exists()

@@ -50,20 +50,27 @@ def make_fabric(cfg: RunConfig):
     strategy = "auto"
     if wants_ddp(cfg):
         strategy = DDPStrategy(timeout=timedelta(minutes=cfg.train.ddp_timeout_minutes))
-    check_accelerator(cfg.train.accelerator)
+    check_accelerator(cfg.train.accelerator, cfg.train.precision)
     fabric = Fabric(accelerator=cfg.train.accelerator, devices=cfg.train.devices, precision=cfg.train.precision,
                     strategy=strategy)
     fabric.launch()
     return fabric
 
 
-def check_accelerator(accelerator: str) -> None:
-    """Refuse, by its setting, an accelerator this machine lacks (checked where the run starts, not when a config
-    is validated: a study may be planned on one machine and trained on another)."""
+def check_accelerator(accelerator: str, precision: str = "32-true") -> None:
+    """Refuse, by its setting, an accelerator this machine lacks, and fp16 training on the CPU, which Lightning would
+    quietly turn into bf16 (checked where the run starts, not when a config is validated: a study may be planned on
+    one machine and trained on another)."""
     from ..run import checked_device
 
     if accelerator in ("cuda", "mps"):
         checked_device(accelerator, "--train.accelerator", "--train.accelerator cpu (or auto)")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    if on_cpu and precision.startswith("16"):
+        raise ConfigError(f"--train.precision {precision}: float16 training needs a GPU, and this run trains on the "
+                          "CPU (Lightning would train in bf16-mixed instead); pass --train.precision bf16-mixed for "
+                          "that, or 32-true")
 
 
 def per_rank_batch(global_batch: int, world_size: int) -> int:
