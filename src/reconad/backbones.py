@@ -213,14 +213,10 @@ class Backbone(nn.Module):
 
     def stage_modules(self, last: str) -> list[nn.Module]:
         """The submodules that run for the stages up to and including ``last``, in call order."""
-        if last not in self.stage_names():
-            raise ValueError(f"{last!r} is not a stage of {self.name}: {', '.join(self.stage_names())}")
-        modules: list[nn.Module] = []
-        for stage, paths in self._stages:
-            modules += [self.get_submodule(path) for path in paths]
-            if stage == last:
-                return modules
-        raise AssertionError("unreachable: the stage was found above")
+        names = self.stage_names()
+        if last not in names:
+            raise ValueError(f"{last!r} is not a stage of {self.name}: {', '.join(names)}")
+        return [self.get_submodule(path) for _, paths in self._stages[:names.index(last) + 1] for path in paths]
 
     # -- training state -----------------------------------------------------------------------------------------------
 
