@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -65,8 +64,9 @@ def child(method_name: str, tuned: bool, repeats: int, size: int) -> dict:
 def run_child(method_name: str, tuned: bool, args) -> dict:
     cmd = [sys.executable, __file__, "--child", method_name, "--repeats", str(args.repeats),
            "--size", str(args.size)] + (["--tuned"] if tuned else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from speed import run_json_child
+
+    return run_json_child(cmd)
 
 
 def bench(method_name: str, args) -> dict:

@@ -50,6 +50,7 @@ from speed import (  # benchmarks/ is this script's sys.path[0]
     cpu_name,
     official_style,
     reference_eval,
+    run_json_child,
     set_threads,
     train_step_fn,
     write_json,
@@ -185,14 +186,11 @@ def child(args) -> dict[str, Any]:
 
 
 def run_child(variant: str, method_name: str, root: Path, args, ours_width: int | None) -> dict[str, Any]:
-    import subprocess
-
     cmd = [sys.executable, __file__, "--child", variant, "--methods", method_name, "--epochs", str(args.epochs),
            "--threads", str(args.threads), "--root", str(root)]
     if ours_width is not None:
         cmd += ["--ours-width", str(ours_width)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_child(cmd)
 
 
 # -- the table ------------------------------------------------------------------------------------------------------

@@ -921,6 +921,14 @@ def cpu_name() -> str | None:
     return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), platform.processor() or None)
 
 
+def run_json_child(cmd: list[str]) -> dict:
+    """Run a benchmark's child process from the repository root; its last line of output is its JSON result."""
+    import subprocess
+
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def write_json(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.tmp")
