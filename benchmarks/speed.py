@@ -18,7 +18,9 @@ Per case (``method:backbone:size``, random weights: speed does not depend on the
   (:func:`official_style`): out-of-place activations where the official networks have them (RD++'s projector,
   ULSAD's FRN and AE; the official RD decoder and torchvision encoders are in place, as ours), the encoder's unused
   last stage run and the frozen encoder's gradients computed (RD4AD, RD++, GNL), ReContrast's hard mining as the
-  official gradient hook (:func:`official_mask_gradient`), views made image by image, and at
+  official gradient hook (:func:`official_mask_gradient`) with its per-pixel distances by torch's
+  ``CosineSimilarity`` (ours: :func:`reconad.maps.channel_cosine`, the same values) and without our feature-diversity
+  diagnostics (the official code logs none), views made image by image, and at
   evaluation the RD family's test loop: one image per forward, the map made on the CPU in float64 with
   ``scipy.ndimage.gaussian_filter``, and GNL's EFDM inverting its sort with a second sort (``argsort``) where ours
   scatters (ULSAD's official anomalib evaluation is batched, its map on the device). ULSAD's
@@ -61,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reconad import maps
 from reconad.acceleration import apply_inference_speedups
 from reconad.backbones import create_backbone
 from reconad.config import OptimConfig, make_config
@@ -249,11 +252,21 @@ def official_mask_gradient(recon: Tensor, keep: Tensor) -> Tensor:
     return recon
 
 
+def _no_diversity(features: Tensor) -> Tensor:
+    return torch.zeros(())
+
+
+def _torch_channel_ops(x: Tensor) -> bool:
+    return False
+
+
 @contextmanager
 def official_style(method: Method) -> Iterator[None]:
     """Compute ``method`` as the official code does (same weights, same values): see the module docstring."""
     saved = [(ulsad_nets, "F", ulsad_nets.F), (gnl_method, "efdm", gnl_method.efdm),
-             (recontrast_method, "mask_gradient", recontrast_method.mask_gradient)]
+             (recontrast_method, "mask_gradient", recontrast_method.mask_gradient),
+             (recontrast_method, "feature_diversity", recontrast_method.feature_diversity),
+             (maps, "_sequential_norm_applies", maps._sequential_norm_applies)]
     # official RD decoders (de_resnet) and torchvision encoders are in place already; RD++'s projector and ULSAD's
     # networks are not
     inplace = [m for m in method.modules() if isinstance(m, nn.LeakyReLU) and m.inplace]
@@ -264,6 +277,8 @@ def official_style(method: Method) -> Iterator[None]:
         ulsad_nets.F = SimpleNamespace(**{**vars(F), "relu": _relu_out_of_place})
         gnl_method.efdm = official_efdm
         recontrast_method.mask_gradient = official_mask_gradient
+        recontrast_method.feature_diversity = _no_diversity  # official: no such diagnostics
+        maps._sequential_norm_applies = _torch_channel_ops  # official: torch's CosineSimilarity / normalize
         for m in inplace:
             m.inplace = False
         if cfg_maps is not None:

@@ -99,3 +99,76 @@ def test_zero_padded_5x5_blur_equals_torch_conv():
     raw = maps.anomaly_map(pairs, (20, 20), maps.MapsConfig(sigma=0))
     torch.testing.assert_close(maps.anomaly_map(pairs, (20, 20), cfg),
                                torch.nn.functional.conv2d(raw, k2, padding=2))
+
+
+# -- channel_norm / channel_cosine / channel_normalize: torch's results bit for bit -----------------------------------
+CHANNEL_SHAPES = [(8, 24, 32, 32), (1, 24, 32, 32), (8, 40, 16, 16), (2, 256, 64, 64), (1, 512, 32, 32),
+                  (4, 7, 16, 16)]
+
+
+def _features(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    y = x + torch.randn(shape, generator=g)
+    x[0, :, 0, 0] = 0.0  # a zero vector: the eps clamp
+    return x, y
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", CHANNEL_SHAPES)
+def test_channel_ops_equal_torch_bit_for_bit(shape, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, y = _features(shape)
+        assert maps._sequential_norm_applies(x)  # the fast path is what is tested here
+        assert torch.equal(maps.channel_norm(x), torch.linalg.vector_norm(x, 2, dim=1, keepdim=True))
+        assert torch.equal(maps.channel_cosine(x, y), torch.nn.functional.cosine_similarity(x, y, dim=1))
+        assert torch.equal(maps.channel_normalize(x), torch.nn.functional.normalize(x, dim=1))
+        assert torch.equal(maps.cosine_distance_map(x, y),
+                           (1.0 - torch.nn.functional.cosine_similarity(x, y, dim=1)).unsqueeze(1))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sequential_norm_is_what_the_fast_path_computes():
+    """The probe agrees with torch on this machine, and the fast path's own sum is the one used (not torch's)."""
+    x, _ = _features((2, 24, 32, 32))
+    assert maps._sequential_norm_matches_torch(24, torch.get_num_threads())
+    squares = x * x
+    plain = torch.zeros_like(squares[:, 0])
+    for c in range(24):
+        plain = plain + squares[:, c]
+    assert torch.equal(maps._sequential_channel_norm(x)[:, 0], plain.double().sqrt().float())
+
+
+@pytest.mark.parametrize("case", ["small", "grad", "float64", "channels_last", "broadcast"])
+def test_channel_ops_fall_back_to_torch(case):
+    x, y = _features((2, 24, 32, 32))
+    if case == "small":  # fewer positions than the loop pays off for
+        x, y = x[:, :, :8, :8].contiguous(), y[:, :, :8, :8].contiguous()
+    elif case == "grad":
+        x.requires_grad_(True)
+    elif case == "float64":
+        x, y = x.double(), y.double()
+    elif case == "channels_last":
+        x, y = x.to(memory_format=torch.channels_last), y.to(memory_format=torch.channels_last)
+    else:
+        y = y[:1]
+    assert not (maps._sequential_norm_applies(x) and maps._sequential_norm_applies(y) and x.shape == y.shape)
+    ref = torch.nn.functional.cosine_similarity(x, y, dim=1)
+    out = maps.channel_cosine(x, y)
+    assert torch.equal(out, ref)
+    if case == "grad":  # the autograd graph is torch's own: same gradient
+        out.sum().backward()
+        g = x.grad.clone()
+        x.grad = None
+        ref.sum().backward()
+        assert torch.equal(x.grad, g)
+
+
+def test_channel_norm_keeps_torch_where_the_probe_disagrees(monkeypatch):
+    x, _ = _features((2, 24, 32, 32))
+    monkeypatch.setattr(maps, "_sequential_norm_matches_torch", lambda channels, threads: False)
+    monkeypatch.setattr(maps, "_sequential_channel_norm", lambda t: pytest.fail("the probe said no"))
+    assert torch.equal(maps.channel_norm(x), torch.linalg.vector_norm(x, 2, dim=1, keepdim=True))

@@ -6,7 +6,10 @@ and run on whatever device their inputs live on.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -14,6 +17,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,7 +45,79 @@ class MapsConfig:
 
 def cosine_distance_map(target: Tensor, recon: Tensor) -> Tensor:
     """Per-pixel ``1 - cos`` along channels: (B, C, H, W) × 2 → (B, 1, H, W)."""
-    return (1.0 - F.cosine_similarity(target, recon, dim=1)).unsqueeze(1)
+    return (1.0 - channel_cosine(target, recon)).unsqueeze(1)
+
+
+def channel_cosine(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
+    """``F.cosine_similarity(x, y, dim=1)`` bit for bit, (B, C, H, W) × 2 → (B, H, W), faster on the CPU.
+
+    The same steps as torch's own (each side divided by its clamped norm, then the product summed over channels),
+    with the norms from :func:`channel_norm`; where that does not apply it is torch's function itself.
+    """
+    if not _sequential_norm_applies(x) or not _sequential_norm_applies(y) or x.shape != y.shape:
+        return F.cosine_similarity(x, y, dim=1, eps=eps)
+    return ((x / channel_norm(x).clamp_min_(eps)) * (y / channel_norm(y).clamp_min_(eps))).sum(1)
+
+
+def channel_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """``F.normalize(x, dim=1)`` bit for bit (each position's channel vector scaled to unit length)."""
+    if not _sequential_norm_applies(x):
+        return F.normalize(x, dim=1, eps=eps)
+    return x / channel_norm(x).clamp_min_(eps)
+
+
+def channel_norm(x: Tensor) -> Tensor:
+    """L2 norm over channels, (B, C, H, W) → (B, 1, H, W): ``torch.linalg.vector_norm(x, dim=1, keepdim=True)``
+    bit for bit, 3-15× faster on the CPU where the positions outnumber the channels.
+
+    Why: torch reduces a non-innermost dimension element by element (~6 ns per value on this CPU: 1.3 ms of a 1.7 ms
+    cosine map of 8 × 24 × 32 × 32 features). Its order is plain: squares added channel after channel, then one
+    correctly rounded square root. The same sum as C - 1 whole-plane adds is vectorised; the root is taken in
+    float64, because torch's vectorised float32 ``sqrt`` is not always correctly rounded (it differed in 12 % of
+    the values) while a float64 root rounded to float32 is. A first call per channel count and thread count checks
+    the result against torch's on a probe and keeps torch's where they differ (another CPU or torch version).
+    """
+    if not _sequential_norm_applies(x) or not _sequential_norm_matches_torch(x.shape[1], torch.get_num_threads()):
+        return torch.linalg.vector_norm(x, 2, dim=1, keepdim=True)
+    return _sequential_channel_norm(x)
+
+
+SEQUENTIAL_NORM_MIN_POSITIONS = 1024
+"""Below this many B·H·W positions per channel, C - 1 small adds cost more than torch's element-wise loop."""
+
+
+def _sequential_norm_applies(x: Tensor) -> bool:
+    """CPU float32 NCHW, no autograd graph, plain eager code or a TorchScript trace (an ONNX export or a compile
+    keeps torch's op: their graphs need no unrolled loop, and a size test would pin a dynamic batch)."""
+    if torch.compiler.is_compiling() or _in_onnx_export():
+        return False
+    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and x.shape[0] * x.shape[2] * x.shape[3] >= SEQUENTIAL_NORM_MIN_POSITIONS
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _in_onnx_export() -> bool:
+    onnx = sys.modules.get("torch.onnx")  # never imported: no export is running (and none is imported for asking)
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+def _sequential_channel_norm(x: Tensor) -> Tensor:
+    squares = x * x
+    total = squares[:, 0]
+    for c in range(1, x.shape[1]):
+        total = total + squares[:, c]
+    return total.double().sqrt().to(x.dtype).unsqueeze(1)
+
+
+@functools.cache
+def _sequential_norm_matches_torch(channels: int, threads: int) -> bool:
+    with torch.no_grad():
+        probe = torch.randn(2, channels, 32, 32, generator=torch.Generator().manual_seed(channels))
+        probe[0, :, 0, 0] = 0.0  # a zero vector: the clamp's side
+        same = torch.equal(_sequential_channel_norm(probe), torch.linalg.vector_norm(probe, 2, dim=1, keepdim=True))
+    if not same:
+        log.debug("channel_norm: torch's norm over %d channels sums in another order here; using it", channels)
+    return same
 
 
 def upsample(maps: Tensor, size: tuple[int, int], align_corners: bool = True) -> Tensor:

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import OptimConfig
 from ..losses import hard_mining_mask, mask_gradient, summed_over_levels
+from ..maps import channel_normalize
 from ..registry import register_method
 from .base import Method, OfficialLayout
 from .rd4ad import LOSSES, RD4ADConfig, ReverseDistillationRules, build_rd_student
@@ -77,7 +77,7 @@ def feature_diversity(features: Tensor) -> Tensor:
         A detached scalar.
     """
     with torch.no_grad():
-        unit = F.normalize(features.detach().float(), dim=1).flatten(2)  # (B, C, H·W)
+        unit = channel_normalize(features.detach().float()).flatten(2)  # (B, C, H·W)
         return unit.std(dim=2).mean()
 
 
