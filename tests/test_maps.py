@@ -172,3 +172,27 @@ def test_channel_norm_keeps_torch_where_the_probe_disagrees(monkeypatch):
     monkeypatch.setattr(maps, "_sequential_norm_matches_torch", lambda channels, threads: False)
     monkeypatch.setattr(maps, "_sequential_channel_norm", lambda t: pytest.fail("the probe said no"))
     assert torch.equal(maps.channel_norm(x), torch.linalg.vector_norm(x, 2, dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("eager_first", [True, False])
+def test_channel_cosine_in_a_trace_equals_eager(monkeypatch, eager_first):
+    """A TorchScript trace (eval.trace) records the probed fast path after an eager call, torch's op before one;
+    both reproduce the eager maps bit for bit and no probe runs inside the trace."""
+    import warnings
+
+    monkeypatch.setattr(maps, "_NORM_PROBES", {})
+    x, y = _features((2, 24, 32, 32))
+
+    class Distance(torch.nn.Module):
+        def forward(self, a, b):
+            return maps.cosine_distance_map(a, b)
+
+    with torch.inference_mode():
+        eager = Distance()(x, y) if eager_first else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(Distance(), (x, y), check_trace=False, strict=False)
+        ops = {node.kind() for node in traced.graph.nodes()}
+        assert ("aten::linalg_vector_norm" in ops) is not eager_first
+        assert list(maps._NORM_PROBES) == ([(24, torch.get_num_threads())] if eager_first else [])
+        assert torch.equal(traced(x, y), eager if eager_first else Distance()(x, y))

@@ -6,7 +6,6 @@ and run on whatever device their inputs live on.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import sys
@@ -54,7 +53,7 @@ def channel_cosine(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
     The same steps as torch's own (each side divided by its clamped norm, then the product summed over channels),
     with the norms from :func:`channel_norm`; where that does not apply it is torch's function itself.
     """
-    if not _sequential_norm_applies(x) or not _sequential_norm_applies(y) or x.shape != y.shape:
+    if not _sequential_norm_applies(x) or not _sequential_norm_applies(y) or _dims(x) != _dims(y):
         return F.cosine_similarity(x, y, dim=1, eps=eps)
     return ((x / channel_norm(x).clamp_min_(eps)) * (y / channel_norm(y).clamp_min_(eps))).sum(1)
 
@@ -75,9 +74,10 @@ def channel_norm(x: Tensor) -> Tensor:
     correctly rounded square root. The same sum as C - 1 whole-plane adds is vectorised; the root is taken in
     float64, because torch's vectorised float32 ``sqrt`` is not always correctly rounded (it differed in 12 % of
     the values) while a float64 root rounded to float32 is. A first call per channel count and thread count checks
-    the result against torch's on a probe and keeps torch's where they differ (another CPU or torch version).
+    the result against torch's on a probe and keeps torch's where they differ (another CPU or torch version). A
+    TorchScript trace takes the path its eager forward (run first) has probed; unprobed, it records torch's op.
     """
-    if not _sequential_norm_applies(x) or not _sequential_norm_matches_torch(x.shape[1], torch.get_num_threads()):
+    if not _sequential_norm_applies(x) or not _sequential_norm_matches_torch(_dims(x)[1], torch.get_num_threads()):
         return torch.linalg.vector_norm(x, 2, dim=1, keepdim=True)
     return _sequential_channel_norm(x)
 
@@ -91,9 +91,16 @@ def _sequential_norm_applies(x: Tensor) -> bool:
     keeps torch's op: their graphs need no unrolled loop, and a size test would pin a dynamic batch)."""
     if torch.compiler.is_compiling() or _in_onnx_export():
         return False
-    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-            and x.shape[0] * x.shape[2] * x.shape[3] >= SEQUENTIAL_NORM_MIN_POSITIONS
-            and not (x.requires_grad and torch.is_grad_enabled()))
+    if not (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and not (x.requires_grad and torch.is_grad_enabled())):
+        return False
+    batch, _, height, width = _dims(x)
+    return batch * height * width >= SEQUENTIAL_NORM_MIN_POSITIONS
+
+
+def _dims(x: Tensor) -> tuple[int, ...]:
+    """The shape as Python ints (a TorchScript trace hands out sizes as tensors; a trace is per shape anyway)."""
+    return tuple(int(d) for d in x.shape)
 
 
 def _in_onnx_export() -> bool:
@@ -102,15 +109,27 @@ def _in_onnx_export() -> bool:
 
 
 def _sequential_channel_norm(x: Tensor) -> Tensor:
-    squares = x * x
-    total = squares[:, 0]
-    for c in range(1, x.shape[1]):
-        total = total + squares[:, c]
+    planes = (x * x).unbind(1)  # C planes (B, H, W) of squares
+    total = planes[0]
+    for plane in planes[1:]:
+        total = total + plane
     return total.double().sqrt().to(x.dtype).unsqueeze(1)
 
 
-@functools.cache
+_NORM_PROBES: dict[tuple[int, int], bool] = {}
+"""(channels, threads) → whether the sequential norm equals torch's here (filled by the first eager call)."""
+
+
 def _sequential_norm_matches_torch(channels: int, threads: int) -> bool:
+    key = (channels, threads)
+    if key not in _NORM_PROBES:
+        if torch.jit.is_tracing():  # a probe inside a trace would be recorded into it
+            return False
+        _NORM_PROBES[key] = _probe_sequential_norm(channels)
+    return _NORM_PROBES[key]
+
+
+def _probe_sequential_norm(channels: int) -> bool:
     with torch.no_grad():
         probe = torch.randn(2, channels, 32, 32, generator=torch.Generator().manual_seed(channels))
         probe[0, :, 0, 0] = 0.0  # a zero vector: the clamp's side
