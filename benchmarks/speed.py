@@ -256,17 +256,12 @@ def _no_diversity(features: Tensor) -> Tensor:
     return torch.zeros(())
 
 
-def _torch_channel_ops(x: Tensor) -> bool:
-    return False
-
-
 @contextmanager
 def official_style(method: Method) -> Iterator[None]:
     """Compute ``method`` as the official code does (same weights, same values): see the module docstring."""
     saved = [(ulsad_nets, "F", ulsad_nets.F), (gnl_method, "efdm", gnl_method.efdm),
              (recontrast_method, "mask_gradient", recontrast_method.mask_gradient),
-             (recontrast_method, "feature_diversity", recontrast_method.feature_diversity),
-             (maps, "_sequential_norm_applies", maps._sequential_norm_applies)]
+             (recontrast_method, "feature_diversity", recontrast_method.feature_diversity)]
     # official RD decoders (de_resnet) and torchvision encoders are in place already; RD++'s projector and ULSAD's
     # networks are not
     inplace = [m for m in method.modules() if isinstance(m, nn.LeakyReLU) and m.inplace]
@@ -278,14 +273,14 @@ def official_style(method: Method) -> Iterator[None]:
         gnl_method.efdm = official_efdm
         recontrast_method.mask_gradient = official_mask_gradient
         recontrast_method.feature_diversity = _no_diversity  # official: no such diagnostics
-        maps._sequential_norm_applies = _torch_channel_ops  # official: torch's CosineSimilarity / normalize
         for m in inplace:
             m.inplace = False
         if cfg_maps is not None:
             cfg_maps.blur_float64 = True
         if method.name in ENCODER_WASTE:
             method.backbone = full_encoder(encoder)
-        yield
+        with maps.torch_channel_ops():  # official: torch's CosineSimilarity
+            yield
     finally:
         for owner, attr, value in saved:
             setattr(owner, attr, value)

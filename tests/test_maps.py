@@ -196,3 +196,16 @@ def test_channel_cosine_in_a_trace_equals_eager(monkeypatch, eager_first):
         assert ("aten::linalg_vector_norm" in ops) is not eager_first
         assert list(maps._NORM_PROBES) == ([(24, torch.get_num_threads())] if eager_first else [])
         assert torch.equal(traced(x, y), eager if eager_first else Distance()(x, y))
+
+
+def test_torch_channel_ops_block_keeps_torchs_functions(monkeypatch):
+    """Inside ``torch_channel_ops`` (exports, the benchmarks' official-style reference) the fast path never runs;
+    outside it runs again."""
+    x, y = _features((2, 24, 32, 32))
+    fast = maps._sequential_channel_norm
+    calls = []
+    monkeypatch.setattr(maps, "_sequential_channel_norm", lambda t: calls.append(1) or fast(t))
+    with maps.torch_channel_ops():
+        inside = maps.cosine_distance_map(x, y)
+        assert not maps._sequential_norm_applies(x) and not calls
+    assert torch.equal(maps.cosine_distance_map(x, y), inside) and calls

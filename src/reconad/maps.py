@@ -6,10 +6,12 @@ and run on whatever device their inputs live on.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,10 +88,24 @@ SEQUENTIAL_NORM_MIN_POSITIONS = 1024
 """Below this many B·H·W positions per channel, C - 1 small adds cost more than torch's element-wise loop."""
 
 
+_TORCH_CHANNEL_OPS: contextvars.ContextVar[bool] = contextvars.ContextVar("reconad_torch_channel_ops", default=False)
+
+
+@contextlib.contextmanager
+def torch_channel_ops() -> Iterator[None]:
+    """Within this block the channel ops are torch's own functions: for graphs meant to run anywhere (an exported
+    model: any batch, any device) and for computing as the official code does (the benchmarks' reference)."""
+    token = _TORCH_CHANNEL_OPS.set(True)
+    try:
+        yield
+    finally:
+        _TORCH_CHANNEL_OPS.reset(token)
+
+
 def _sequential_norm_applies(x: Tensor) -> bool:
     """CPU float32 NCHW, no autograd graph, plain eager code or a TorchScript trace (an ONNX export or a compile
     keeps torch's op: their graphs need no unrolled loop, and a size test would pin a dynamic batch)."""
-    if torch.compiler.is_compiling() or _in_onnx_export():
+    if _TORCH_CHANNEL_OPS.get() or torch.compiler.is_compiling() or _in_onnx_export():
         return False
     if not (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
             and not (x.requires_grad and torch.is_grad_enabled())):

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ReconadError
+from ..maps import torch_channel_ops
 from .calibration import load_calibration, write_calibration
 from .runtime import EXPORT_FILE, ExportError, preprocess, read_export_metadata
 
@@ -65,6 +66,7 @@ def _pinned_python_state(method: nn.Module) -> Iterator[None]:
       trained, so it is evaluated eagerly and pinned as a constant while the graph is captured.
     - GNL's ``match_per_image`` loops over the batch in Python (which would fix the batch size); the graph uses
       the batched encoder, and the parity check compares it with the eager per-image result.
+    - The per-pixel cosines are torch's own functions (:func:`reconad.maps.torch_channel_ops`), the same values.
     """
     cls, cfg = type(method), method.cfg
     per_image = getattr(cfg, "match_per_image", None)
@@ -75,7 +77,8 @@ def _pinned_python_state(method: nn.Module) -> Iterator[None]:
         method.__class__ = type(cls.__name__, (cls,), {"calibrated": property(lambda self: value),
                                                         "__module__": cls.__module__})
     try:
-        yield
+        with torch_channel_ops():  # torch's cosine, not a loop unrolled for this example's shape and device
+            yield
     finally:
         method.__class__ = cls
         if per_image is not None:
