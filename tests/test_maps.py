@@ -172,6 +172,8 @@ def test_channel_norm_keeps_torch_where_the_probe_disagrees(monkeypatch):
     monkeypatch.setattr(maps, "_sequential_norm_matches_torch", lambda channels, threads: False)
     monkeypatch.setattr(maps, "_sequential_channel_norm", lambda t: pytest.fail("the probe said no"))
     assert torch.equal(maps.channel_norm(x), torch.linalg.vector_norm(x, 2, dim=1, keepdim=True))
+    assert torch.equal(maps.channel_cosine(x, x + 1), torch.nn.functional.cosine_similarity(x, x + 1, dim=1))
+    assert torch.equal(maps.channel_normalize(x), torch.nn.functional.normalize(x, dim=1))
 
 
 @pytest.mark.parametrize("eager_first", [True, False])
@@ -193,7 +195,8 @@ def test_channel_cosine_in_a_trace_equals_eager(monkeypatch, eager_first):
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(Distance(), (x, y), check_trace=False, strict=False)
         ops = {node.kind() for node in traced.graph.nodes()}
-        assert ("aten::linalg_vector_norm" in ops) is not eager_first
+        assert ("aten::cosine_similarity" in ops) is not eager_first  # torch's op unless probed eagerly
+        assert "aten::linalg_vector_norm" not in ops
         assert list(maps._NORM_PROBES) == ([(24, torch.get_num_threads())] if eager_first else [])
         assert torch.equal(traced(x, y), eager if eager_first else Distance()(x, y))
 

@@ -55,16 +55,17 @@ def channel_cosine(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
     The same steps as torch's own (each side divided by its clamped norm, then the product summed over channels),
     with the norms from :func:`channel_norm`; where that does not apply it is torch's function itself.
     """
-    if not _sequential_norm_applies(x) or not _sequential_norm_applies(y) or _dims(x) != _dims(y):
+    if not (_sequential_norm_serves(x) and _sequential_norm_serves(y) and _dims(x) == _dims(y)):
         return F.cosine_similarity(x, y, dim=1, eps=eps)
-    return ((x / channel_norm(x).clamp_min_(eps)) * (y / channel_norm(y).clamp_min_(eps))).sum(1)
+    x_norm, y_norm = _sequential_channel_norm(x).clamp_min_(eps), _sequential_channel_norm(y).clamp_min_(eps)
+    return ((x / x_norm) * (y / y_norm)).sum(1)
 
 
 def channel_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     """``F.normalize(x, dim=1)`` bit for bit (each position's channel vector scaled to unit length)."""
-    if not _sequential_norm_applies(x):
+    if not _sequential_norm_serves(x):
         return F.normalize(x, dim=1, eps=eps)
-    return x / channel_norm(x).clamp_min_(eps)
+    return x / _sequential_channel_norm(x).clamp_min_(eps)
 
 
 def channel_norm(x: Tensor) -> Tensor:
@@ -79,9 +80,14 @@ def channel_norm(x: Tensor) -> Tensor:
     the result against torch's on a probe and keeps torch's where they differ (another CPU or torch version). A
     TorchScript trace takes the path its eager forward (run first) has probed; unprobed, it records torch's op.
     """
-    if not _sequential_norm_applies(x) or not _sequential_norm_matches_torch(_dims(x)[1], torch.get_num_threads()):
+    if not _sequential_norm_serves(x):
         return torch.linalg.vector_norm(x, 2, dim=1, keepdim=True)
     return _sequential_channel_norm(x)
+
+
+def _sequential_norm_serves(x: Tensor) -> bool:
+    """The fast path applies to ``x`` and equals torch's here (probed)."""
+    return _sequential_norm_applies(x) and _sequential_norm_matches_torch(_dims(x)[1], torch.get_num_threads())
 
 
 SEQUENTIAL_NORM_MIN_POSITIONS = 1024
